@@ -1,0 +1,153 @@
+"""GIT-QLoRA command line: --train, --eval, --inference, --merge_weights or --demo on a GIT captioning model."""
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from utils.config import DEFAULT_TARGET_MODULES, Config, validate
+from utils.errors import UserInputError
+
+logger = logging.getLogger("git_qlora")
+
+
+def _modes(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--train", action="store_const", dest="mode", const="train", help="fine-tune LoRA adapters on --train_dir")
+    group.add_argument("--eval", action="store_const", dest="mode", const="eval", help="score captions (of a run, a base model, or --predictions_file)")
+    group.add_argument("--inference", action="store_const", dest="mode", const="inference", help="caption --test_dir or --test_image")
+    group.add_argument("--merge_weights", action="store_const", dest="mode", const="merge_weights", help="merge the run's adapter into RUN/merged_model")
+    group.add_argument("--demo", action="store_const", dest="mode", const="demo", help="offline end-to-end demo on generated images")
+
+
+def _data_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--train_dir", type=Path, help="folder of training images (searched recursively)")
+    g.add_argument("--test_dir", type=Path, help="folder of validation/test images")
+    g.add_argument("--captions_file", type=Path, help="CSV image_name,caption (several rows per image allowed); default: metadata.csv/jsonl in the folder, else file names")
+    g.add_argument("--test_image", type=Path, help="one image to caption (--inference); the caption goes to stdout")
+    g.add_argument("--predictions_file", type=Path, help="--inference: where to write captions (default RUN/captions.csv); --eval: captions to score")
+    g.add_argument("--split_ratio", type=float, default=0.1, help="share of training images held out for validation when there is no --test_dir")
+    g.add_argument("--max_length", type=int, default=40, help="caption length in tokens; longer captions are truncated")
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model_name", help="hub id or local folder of a GIT checkpoint (training default: microsoft/git-base)")
+    g.add_argument("--quantization_bits", type=int, default=4, help="4 (NF4 QLoRA), 8, 16 (bf16 base) or 32 (fp32 base)")
+    g.add_argument("--bnb_4bit_quant_type", default="nf4", help="nf4 or fp4")
+    g.add_argument("--bnb_4bit_compute_dtype", default="auto", help="auto (bfloat16 on GPUs that have it, else float32), float32, bfloat16, float16")
+    g.add_argument("--bnb_4bit_use_double_quant", action=argparse.BooleanOptionalAction, default=True, help="quantize the quantization constants too")
+    g.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=float, default=32, help="LoRA scaling numerator (scale = alpha / r)")
+    g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
+    g.add_argument("--lora_target_modules", default=",".join(DEFAULT_TARGET_MODULES), help="comma-separated Linear layer names to adapt")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
+    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off by default)")
+
+
+def _training_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--output_dir", type=Path, help="--train: parent of the run folder (default ./results); other modes: the run folder")
+    g.add_argument("--run_name", help="run folder name under --output_dir (default: a timestamp)")
+    g.add_argument("--batch_size", type=int, default=8, help="images per step (training, captioning)")
+    g.add_argument("--epochs", type=float, default=3.0, help="passes over the training images")
+    g.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --epochs")
+    g.add_argument("--learning_rate", type=float, default=2e-4, help="peak learning rate (linear decay)")
+    g.add_argument("--gradient_accumulation", type=int, default=1, help="batches per optimizer step")
+    g.add_argument("--warmup_ratio", type=float, default=0.05, help="share of steps with linear warm-up")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--seed", type=int, default=42, help="seed for the split, initialisation and data order")
+    g.add_argument("--eval_steps", type=int, help="validate and checkpoint every N steps (default: once per epoch)")
+    g.add_argument("--logging_steps", type=int, default=10, help="log the training loss every N steps")
+    g.add_argument("--save_total_limit", type=int, default=2, help="checkpoints kept (the best one is always kept)")
+    g.add_argument("--metric_for_best_model", default="loss", help="loss (validation loss) or a caption metric such as cider, bleu_4")
+    g.add_argument("--num_workers", type=int, default=2, help="image-decoding worker processes")
+    g.add_argument("--resume", action="store_true", help="continue the run (--run_name, default the newest) from its last checkpoint")
+
+
+def _generation_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("captioning, evaluation, merging")
+    g.add_argument("--max_new_tokens", type=int, default=30, help="longest caption generated, in tokens")
+    g.add_argument("--num_beams", type=int, default=1, help="beam search width (1 = greedy)")
+    g.add_argument("--use_merged", action="store_true", help="caption with RUN/merged_model instead of base + adapter")
+    g.add_argument("--fgd_model", default="thenlper/gte-small", help="sentence encoder for Fréchet GTE Distance (hub id or folder); 'none' skips it")
+    g.add_argument("--merge_base", default="dequantized", help="dequantized (the 4-bit weights the adapter was trained on) or original (full precision)")
+    g.add_argument("--merge_dtype", default="auto", help="auto (float32 on the CPU, the training dtype on a GPU), float32, float16, bfloat16")
+    g.add_argument("--demo_scale", type=float, default=1.0, help="shrink the demo (0..1] for a quick check")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="git_qlora_main.py",
+        description="Fine-tune Microsoft GIT captioning models with QLoRA, caption, merge and evaluate.",
+    )
+    for add in (_modes, _data_flags, _model_flags, _training_flags, _generation_flags):
+        add(parser)
+    return parser
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    values = vars(args).copy()
+    values["lora_target_modules"] = tuple(n.strip() for n in values["lora_target_modules"].split(",") if n.strip())
+    if values["fgd_model"] is not None and values["fgd_model"].lower() in ("none", ""):
+        values["fgd_model"] = None
+    if values["output_dir"] is None:
+        values["output_dir"] = Path("results/demo") if args.mode == "demo" else Path("results")
+    if values["model_name"] is None and args.mode == "train":
+        values["model_name"] = "microsoft/git-base"
+    return validate(Config(**values))
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # bitsandbytes looks for optional CPU kernels on the hub; offline that warning is noise.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score announces its tokenizer
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+
+
+def run_mode(config: Config) -> int:
+    if config.mode == "train":
+        from scripts.trainer import train
+
+        return train(config)
+    if config.mode == "inference":
+        from scripts.inference import run_inference
+
+        return run_inference(config)
+    if config.mode == "merge_weights":
+        from scripts.inference import merge_weights
+
+        return merge_weights(config)
+    if config.mode == "eval":
+        from utils.evaluation import run_evaluation
+
+        return run_evaluation(config)
+    from scripts.demo import run_demo
+
+    return run_demo(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse already printed the usage error
+        return int(exit_.code or 0)
+    setup_logging()
+    try:
+        return run_mode(build_config(args))
+    except UserInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; a training run continues with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

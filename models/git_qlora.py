@@ -1,0 +1,182 @@
+"""Build GIT for QLoRA: a (4-bit) quantized frozen base from the hub or a folder, plus PEFT LoRA adapters."""
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.lora import LoraLayer
+from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig
+
+from utils.config import Config
+from utils.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_compute_dtype(config: Config, device: str) -> torch.dtype:
+    """bf16 on GPUs that have it (as QLoRA does); fp32 elsewhere, where the CPU kernels are exact and fast."""
+    if config.bnb_4bit_compute_dtype != "auto":
+        return DTYPES[config.bnb_4bit_compute_dtype]
+    if device == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_base_dtype(config: Config, device: str) -> torch.dtype:
+    """dtype of the weights that stay unquantized (norms, embeddings, LM head) or of the whole 16/32-bit base."""
+    if config.quantization_bits == 32:
+        return torch.float32
+    if config.quantization_bits == 16:
+        return torch.bfloat16
+    return resolve_compute_dtype(config, device)
+
+
+def build_quantization_config(config: Config, device: str) -> BitsAndBytesConfig | None:
+    if config.quantization_bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=resolve_compute_dtype(config, device),
+        )
+    if config.quantization_bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def describe_precision(config: Config, device: str) -> str:
+    if config.quantization_bits == 4:
+        kind = f"4-bit {config.bnb_4bit_quant_type}{' double-quant' if config.bnb_4bit_use_double_quant else ''}"
+        return f"{kind} base, compute {resolve_compute_dtype(config, device)}, on {device} (bitsandbytes)"
+    if config.quantization_bits == 8:
+        return f"8-bit LLM.int8 base on {device} (bitsandbytes)"
+    return f"unquantized {resolve_base_dtype(config, device)} base on {device}"
+
+
+def load_processor(model_name: str, trust_remote_code: bool = False):
+    try:
+        return AutoProcessor.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UserInputError(
+            f"Cannot load the processor of --model_name {model_name!r}: {str(error).splitlines()[0]} "
+            "Give a hub id such as microsoft/git-base (needs the network the first time) or a local folder "
+            "holding a GIT checkpoint with its processor files."
+        ) from None
+
+
+def load_base_model(config: Config, device: str, quantize: bool = True):
+    """The base GitForCausalLM, quantized as the config says (quantize=False: full precision, for merging)."""
+    quantization = build_quantization_config(config, device) if quantize else None
+    dtype = resolve_base_dtype(config, device) if quantize else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            config.model_name,
+            quantization_config=quantization,
+            dtype=dtype,
+            device_map={"": device},
+            trust_remote_code=config.trust_remote_code,
+        )
+    except (OSError, ValueError) as error:
+        raise UserInputError(
+            f"Cannot load --model_name {config.model_name!r}: {str(error).splitlines()[0]} "
+            "Give a hub id such as microsoft/git-base (needs the network the first time) or a local GIT checkpoint folder."
+        ) from None
+    if model.config.model_type != "git":
+        logger.warning("--model_name %s is a %r model, not GIT; training may not work.", config.model_name, model.config.model_type)
+    return model
+
+
+def is_linear(module: torch.nn.Module) -> bool:
+    # bitsandbytes' Linear4bit and Linear8bitLt subclass nn.Linear.
+    return isinstance(module, torch.nn.Linear)
+
+
+def find_target_modules(model: torch.nn.Module, names: tuple[str, ...]) -> list[str]:
+    """Full names of the Linear layers whose last name part is one of `names`; unknown names are an error.
+
+    PEFT silently ignores names that match nothing and matches non-Linear modules called `output`,
+    so the exact list is resolved here and handed to PEFT.
+    """
+    linear_names = [name for name, module in model.named_modules() if is_linear(module)]
+    found = [name for name in linear_names if name.rsplit(".", 1)[-1] in names]
+    unknown = sorted(set(names) - {name.rsplit(".", 1)[-1] for name in found})
+    if unknown:
+        valid = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
+        raise UserInputError(
+            f"--lora_target_modules names {', '.join(unknown)}, which match no Linear layer of {type(model).__name__}. "
+            f"Valid names for this model: {', '.join(valid)}. For GIT the text decoder uses query,key,value,dense "
+            "and the vision tower q_proj,k_proj,v_proj,out_proj,fc1,fc2; the LM head is output."
+        )
+    return found
+
+
+def build_lora_config(config: Config, target_modules: list[str]) -> LoraConfig:
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def keep_4bit_weights_unpacked(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference: the packed format cannot train.
+
+    On CPUs with AVX-512 BF16, a Linear4bit run without grad (e.g. generation during evaluation) repacks
+    its weight and the next training step crashes; see GIT_NOTES.md.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant checkpointing without the input-requires-grad hook, which breaks GIT's in-place `+=`.
+
+    Non-reentrant checkpointing does not need inputs that require grad: the LoRA weights inside each
+    checkpointed layer carry the graph.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "_require_grads_hook", None) is not None:
+        model.disable_input_require_grads()
+    model.config.use_cache = False
+
+
+def prepare_for_training(model, config: Config):
+    """Freeze the base, add LoRA to the resolved target layers, and log what was wrapped."""
+    if config.quantization_bits in (4, 8):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    targets = find_target_modules(model, config.lora_target_modules)
+    model = get_peft_model(model, build_lora_config(config, targets))
+    keep_4bit_weights_unpacked(model)
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    if len(wrapped) != len(targets):
+        raise RuntimeError(f"PEFT wrapped {len(wrapped)} layers but {len(targets)} were targeted")
+    logger.info("LoRA wraps %d layers: %s", len(wrapped), ", ".join(n.replace("base_model.model.", "") for n in wrapped))
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("Trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
+    return model
+
+
+def load_adapter_model(config: Config, adapter_dir: Path, device: str, for_training: bool = False):
+    """The quantized base (from config.model_name) with a saved LoRA adapter; eval mode unless training."""
+    base = load_base_model(config, device)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=for_training)
+    if for_training:
+        keep_4bit_weights_unpacked(model)
+    else:
+        model.eval()
+    return model

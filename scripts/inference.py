@@ -1,0 +1,279 @@
+"""Caption images with a trained run (adapter or merged model) or a plain base model, and merge adapters."""
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from models.git_qlora import DTYPES, load_adapter_model, load_base_model, load_processor, resolve_base_dtype, resolve_device
+from utils.config import Config, apply_run_settings, load_run_config
+from utils.dataset_utils import list_images, load_image
+from utils.errors import UserInputError
+from utils.evaluation import write_json_atomic, write_predictions_csv
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CaptionResult:
+    captions: dict[str, str] = field(default_factory=dict)  # image name -> caption
+    skipped: dict[str, str] = field(default_factory=dict)  # image name -> why
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.captions) / self.seconds if self.seconds > 0 else 0.0
+
+
+class _ImageFiles(Dataset):
+    """Decodes one image per item (in DataLoader workers); a bad file yields its reason instead."""
+
+    def __init__(self, folder: Path, names: list[str]):
+        self.folder, self.names = Path(folder), names
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, index):
+        name = self.names[index]
+        image, reason = load_image(self.folder / name)
+        return name, image, reason
+
+
+def _keep_lists(batch):
+    return batch
+
+
+def floating_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype pixel values must have: that of the first floating-point weight (4-bit weights are uint8)."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
+
+
+@torch.no_grad()
+def generate_captions(model, processor, images, max_new_tokens: int = 30, num_beams: int = 1) -> list[str]:
+    """Greedy (or beam) captions for PIL images, as the GIT model card does it."""
+    device = next(model.parameters()).device
+    pixel_values = processor(images=images, return_tensors="pt").pixel_values
+    pixel_values = pixel_values.to(device=device, dtype=floating_dtype(model))
+    ids = model.generate(
+        pixel_values=pixel_values, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False
+    )
+    return [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
+
+
+def caption_folder(
+    model, processor, folder: Path, names: list[str], batch_size: int = 8, max_new_tokens: int = 30,
+    num_beams: int = 1, num_workers: int = 0, progress: bool = True,
+) -> CaptionResult:
+    """Caption the named images under folder in batches; memory stays flat however many there are."""
+    import time
+
+    result = CaptionResult()
+    loader = DataLoader(
+        _ImageFiles(folder, names), batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_lists
+    )
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    with tqdm(total=len(names), desc="Captioning", unit="img", disable=not progress) as bar:
+        for batch in loader:
+            good = [(name, image) for name, image, _ in batch if image is not None]
+            result.skipped.update({name: reason for name, image, reason in batch if image is None})
+            if good:
+                captions = generate_captions(model, processor, [image for _, image in good], max_new_tokens, num_beams)
+                result.captions.update({name: caption for (name, _), caption in zip(good, captions)})
+            bar.update(len(batch))
+    result.seconds = time.perf_counter() - start
+    model.train(was_training)
+    return result
+
+
+def find_runs(folder: Path) -> list[Path]:
+    """Run folders directly under folder, newest first."""
+    runs = [p.parent for p in Path(folder).glob("*/run_config.json")]
+    return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def require_run(run_dir: Path) -> dict:
+    """The run's saved settings; a folder of runs or a non-run gets an error saying what to pass."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "run_config.json").is_file():
+        runs = find_runs(run_dir) if run_dir.is_dir() else []
+        if runs:
+            listing = ", ".join(str(p) for p in runs[:10])
+            raise UserInputError(
+                f"--output_dir {run_dir} is a folder of runs, not a run. Pass one run folder, "
+                f"e.g. --output_dir {runs[0]}. Runs found there, newest first: {listing}."
+            )
+    return load_run_config(run_dir)
+
+
+def _require_folder(path: Path, what: str, command: str) -> Path:
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise UserInputError(f"{path} is missing: the run has no {what}. Create it with `git_qlora_main.py {command}`.")
+    return path
+
+
+def load_caption_model(config: Config):
+    """(model, processor, config, description) for captioning: a run's adapter or merged model, or --model_name."""
+    device = resolve_device()
+    run_file = Path(config.output_dir) / "run_config.json"
+    if config.model_name is not None and not run_file.is_file():
+        model = load_base_model(config, device)
+        return model.eval(), load_processor(config.model_name, config.trust_remote_code), config, f"base model {config.model_name}"
+    config = apply_run_settings(config, require_run(config.output_dir))
+    run_dir = Path(config.output_dir)
+    if config.use_merged:
+        folder = _require_folder(run_dir / "merged_model", "merged_model", "--merge_weights --output_dir RUN")
+        model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": device}).eval()
+        return model, load_processor(str(folder)), config, f"merged model {folder}"
+    folder = _require_folder(run_dir / "final_model", "final_model (training did not finish; continue it with --resume)", "--train")
+    model = load_adapter_model(config, folder, device)
+    return model, load_processor(str(folder)), config, f"{config.model_name} + adapter {folder}"
+
+
+def caption_one_image(config: Config, model, processor) -> int:
+    image, reason = load_image(Path(config.test_image))
+    if image is None:
+        raise UserInputError(f"--test_image {config.test_image} cannot be used: {reason}. Give a readable image file.")
+    caption = generate_captions(model, processor, [image], config.max_new_tokens, config.num_beams)[0]
+    print(caption, flush=True)  # stdout carries the caption alone, for `caption=$(...)`
+    return 0
+
+
+def write_captions_csv(path: Path, captions: dict[str, str]) -> None:
+    write_predictions_csv(Path(path), dict(sorted(captions.items())))
+
+
+def caption_directory(config: Config, model, processor) -> int:
+    names = list_images(Path(config.test_dir), "--test_dir")
+    result = caption_folder(
+        model, processor, config.test_dir, names, config.batch_size, config.max_new_tokens, config.num_beams,
+        config.num_workers,
+    )
+    if not result.captions:
+        raise UserInputError(f"--test_dir {config.test_dir}: none of the {len(names)} images could be read; see the warnings.")
+    target = config.predictions_file or Path(config.output_dir) / "captions.csv"
+    write_captions_csv(target, result.captions)
+    for name, reason in sorted(result.skipped.items()):
+        logger.warning("Skipped %s: %s", name, reason)
+    logger.info(
+        "Captioned %d images (%d skipped) in %.1f s, %.2f images/s; wrote %s",
+        len(result.captions), len(result.skipped), result.seconds, result.images_per_second, target,
+    )
+    return 0
+
+
+def run_inference(config: Config) -> int:
+    """--inference: caption --test_image (stdout) or every image of --test_dir (a CSV)."""
+    model, processor, config, description = load_caption_model(config)
+    logger.info("Captioning with %s", description)
+    if config.test_image is not None:
+        return caption_one_image(config, model, processor)
+    return caption_directory(config, model, processor)
+
+
+def resolve_merge_dtype(config: Config, device: str) -> torch.dtype:
+    if config.merge_dtype != "auto":
+        return DTYPES[config.merge_dtype]
+    return resolve_base_dtype(config, device) if device == "cuda" else torch.float32
+
+
+def build_merged_model(config: Config, adapter_dir: Path, device: str):
+    """Base (dequantized 4/8-bit weights by default, or the full-precision original) + adapter, merged."""
+    quantized = config.quantization_bits in (4, 8)
+    if config.merge_base == "dequantized" and quantized:
+        base = load_base_model(config, device).dequantize(dtype=torch.float32)
+    else:
+        base = load_base_model(config, device, quantize=False)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    for key in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(merged.config, key):
+            delattr(merged.config, key)
+    return merged.eval()
+
+
+def sample_images(config: Config, run_settings: dict, limit: int = 16) -> tuple[Path, list[str]]:
+    """Images for the fidelity check: the run's validation images, else the first training images."""
+    if run_settings.get("val_dir") and run_settings.get("val_images"):
+        folder = Path(run_settings["val_dir"])
+        names = [n for n in run_settings["val_images"] if (folder / n).is_file()]
+        if names:
+            return folder, names[:limit]
+    folder = Path(run_settings.get("train_dir") or ".")
+    return folder, (list_images(folder, "--train_dir") if folder.is_dir() else [])[:limit]
+
+
+@torch.no_grad()
+def compare_models(reference, candidate, processor, images: list) -> dict:
+    """Caption agreement and largest logit difference of candidate against reference on the same images."""
+    ref_caps = generate_captions(reference, processor, images)
+    new_caps = generate_captions(candidate, processor, images)
+    texts = processor.tokenizer(ref_caps, padding=True, return_tensors="pt")
+    pixels = processor(images=images, return_tensors="pt").pixel_values
+
+    def logits(model):
+        device = next(model.parameters()).device
+        return model(
+            pixel_values=pixels.to(device, floating_dtype(model)), input_ids=texts.input_ids.to(device),
+            attention_mask=texts.attention_mask.to(device),
+        ).logits.float().cpu()
+
+    ref_logits, new_logits = logits(reference), logits(candidate)
+    n_image = ref_logits.shape[1] - texts.input_ids.shape[1]
+    mask = texts.attention_mask.bool()
+    diff = (ref_logits[:, n_image:] - new_logits[:, n_image:]).abs()[mask]  # text positions only
+    agree = sum(a == b for a, b in zip(ref_caps, new_caps))
+    return {
+        "images": len(images), "caption_agreement": agree / len(images),
+        "max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
+        "samples": [{"adapter": a, "merged": b} for a, b in zip(ref_caps, new_caps)],
+    }
+
+
+def replace_folder_atomically(tmp: Path, final: Path) -> None:
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def merge_weights(config: Config) -> int:
+    """--merge_weights: write RUN/merged_model (plain transformers) and RUN/merge_report.json."""
+    run_settings = require_run(config.output_dir)
+    config = apply_run_settings(config, run_settings)
+    run_dir, device = Path(config.output_dir), resolve_device()
+    adapter_dir = _require_folder(run_dir / "final_model", "final_model", "--train")
+    processor = load_processor(str(adapter_dir))
+    dtype = resolve_merge_dtype(config, device)
+    logger.info("Merging %s into the %s base of %s, saving as %s", adapter_dir, config.merge_base, config.model_name, dtype)
+    merged = build_merged_model(config, adapter_dir, device)
+    report = {"merge_base": config.merge_base, "merge_dtype": str(dtype).replace("torch.", ""), "base_model": config.model_name}
+    folder, names = sample_images(config, run_settings)
+    images = [img for img in (load_image(folder / n)[0] for n in names) if img is not None]
+    if images:
+        adapter_model = load_adapter_model(config, adapter_dir, device)
+        report.update(compare_models(adapter_model, merged.to(dtype), processor, images))
+        del adapter_model
+        logger.info("Merge fidelity on %d images: captions agree %.0f%%, max |logit diff| %.4g",
+                    report["images"], 100 * report["caption_agreement"], report["max_abs_logit_diff"])
+    tmp = run_dir / ".merged_model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.to(dtype).save_pretrained(str(tmp), safe_serialization=True)
+    processor.save_pretrained(str(tmp))
+    replace_folder_atomically(tmp, run_dir / "merged_model")
+    write_json_atomic(run_dir / "merge_report.json", report)
+    logger.info("Wrote %s and %s", run_dir / "merged_model", run_dir / "merge_report.json")
+    return 0

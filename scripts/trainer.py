@@ -1,0 +1,303 @@
+"""Train LoRA adapters on a quantized GIT with the Hugging Face Trainer; writes one self-contained run folder."""
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback
+
+from models.git_qlora import describe_precision, load_base_model, load_processor, prepare_for_training, resolve_device
+from utils.config import MODEL_KEYS, Config, apply_run_settings, load_run_config
+from utils.dataset_utils import CaptionCollator, CaptionDataset, Example, collect_examples, split_by_image
+from utils.errors import UserInputError
+from utils.evaluation import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataSplits:
+    train_dir: Path
+    train: list[Example]
+    val_dir: Path
+    val: list[Example]
+
+
+def library_versions() -> dict:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__}
+
+
+def newest_run(output_dir: Path) -> Path | None:
+    runs = [p for p in Path(output_dir).glob("*/run_config.json")]
+    return max(runs, key=lambda p: p.stat().st_mtime).parent if runs else None
+
+
+def prepare_run_dir(config: Config) -> tuple[Config, Path]:
+    """Pick the run folder; never reuse one silently. --resume takes the model settings the run saved."""
+    if config.resume and config.run_name is None:
+        run_dir = newest_run(config.output_dir)
+        if run_dir is None:
+            raise UserInputError(f"--resume found no run under --output_dir {config.output_dir}; give --run_name.")
+    else:
+        run_name = config.run_name or datetime.now().strftime("run-%Y%m%d-%H%M%S")
+        run_dir = Path(config.output_dir) / run_name
+    config = config.replace(run_name=run_dir.name)
+    if config.resume:
+        if not (run_dir / "run_config.json").is_file():
+            raise UserInputError(f"--resume: {run_dir} holds no run_config.json; it is not a run to resume.")
+        config = apply_run_settings(config, load_run_config(run_dir))
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise UserInputError(
+            f"The run folder {run_dir} already exists and is not empty. Choose another --run_name, "
+            "or pass --resume to continue that run from its newest checkpoint."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return config, run_dir
+
+
+def load_splits(config: Config) -> DataSplits:
+    """Training examples, plus validation from --test_dir or a held-out share of the training images."""
+    examples = collect_examples(config.train_dir, config.captions_file, flag="--train_dir")
+    if config.test_dir is not None:
+        val = collect_examples(config.test_dir, config.captions_file, flag="--test_dir")
+        return DataSplits(Path(config.train_dir), examples, Path(config.test_dir), val)
+    train, val = split_by_image(examples, config.split_ratio, config.seed)
+    return DataSplits(Path(config.train_dir), train, Path(config.train_dir), val)
+
+
+def references_of(examples: list[Example]) -> dict[str, list[str]]:
+    refs: dict[str, list[str]] = {}
+    for example in examples:
+        refs.setdefault(example.image_name, []).append(example.caption)
+    return refs
+
+
+class CaptionScorer:
+    """Captions the validation images with the model being trained and scores them (COCO metrics, FGD)."""
+
+    def __init__(self, processor, splits: DataSplits, config: Config, with_fgd: bool):
+        self.processor, self.splits, self.config, self.with_fgd = processor, splits, config, with_fgd
+        self.references = references_of(splits.val)
+
+    def __call__(self, model, fgd: bool | None = None) -> tuple[dict, dict[str, str]]:
+        from scripts.inference import caption_folder
+        from utils.evaluation import compute_caption_metrics, score_captions
+
+        result = caption_folder(
+            model, self.processor, self.splits.val_dir, sorted(self.references), self.config.batch_size,
+            self.config.max_new_tokens, self.config.num_beams, progress=False,
+        )
+        predictions = {name: result.captions.get(name, "") for name in self.references}
+        if self.with_fgd if fgd is None else fgd:
+            return score_captions(predictions, self.references, self.config.fgd_model), predictions
+        return compute_caption_metrics(predictions, self.references), predictions
+
+
+class CaptionTrainer(Trainer):
+    """A Trainer whose evaluation also reports caption metrics, so --metric_for_best_model can pick by them."""
+
+    def __init__(self, *args, caption_scorer: CaptionScorer | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.caption_scorer = caption_scorer
+
+    def evaluate(self, *args, **kwargs):
+        metrics = super().evaluate(*args, **kwargs)
+        if self.caption_scorer is not None:
+            scores, _ = self.caption_scorer(self.model, fgd=False)
+            extra = {f"eval_{k}": v for k, v in scores.items() if isinstance(v, float)}
+            metrics.update(extra)
+            self.log(extra)
+        return metrics
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of optimizer steps, for seconds per step and images per second."""
+
+    def __init__(self):
+        self.seconds, self.steps, self._start = 0.0, 0, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self.steps += 1
+
+
+def build_training_args(config: Config, run_dir: Path, has_val: bool, device: str, bf16: bool) -> TrainingArguments:
+    strategy = "steps" if config.eval_steps else "epoch"
+    metric = config.metric_for_best_model
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of the total steps in transformers 5
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        data_seed=config.seed,
+        eval_strategy=strategy if has_val else "no",
+        save_strategy=strategy,
+        eval_steps=config.eval_steps,
+        save_steps=config.eval_steps,
+        save_total_limit=config.save_total_limit,
+        load_best_model_at_end=has_val,
+        metric_for_best_model=metric if has_val else None,
+        greater_is_better=metric != "loss" if has_val else None,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        report_to="none",  # TensorBoard is added as a callback writing to RUN/logs
+        remove_unused_columns=False,  # the collator builds GIT's inputs from images and captions
+        dataloader_num_workers=config.num_workers,
+        use_cpu=device == "cpu",
+        bf16=bf16,
+    )
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def save_final_model(model, processor, run_dir: Path) -> Path:
+    """Adapter + processor into RUN/final_model, written to a temporary folder first and renamed."""
+    final, tmp, old = run_dir / "final_model", run_dir / ".final_model.tmp", run_dir / ".final_model.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    processor.save_pretrained(str(tmp))
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_run_config(config: Config, run_dir: Path, device: str, splits: DataSplits) -> None:
+    settings = config.to_json_dict()
+    settings.update(
+        base_model=config.model_name, device=device, precision=describe_precision(config, device),
+        library_versions=library_versions(), created=datetime.now().isoformat(timespec="seconds"),
+        num_train_examples=len(splits.train), num_val_examples=len(splits.val),
+        val_dir=str(splits.val_dir) if splits.val else None,
+        val_images=sorted({e.image_name for e in splits.val}),
+    )
+    write_json_atomic(run_dir / "run_config.json", settings)
+
+
+def log_settings(config: Config, run_dir: Path, device: str) -> None:
+    logger.info("Run folder: %s", run_dir.resolve())
+    logger.info("Precision: %s", describe_precision(config, device))
+    logger.info("Settings: %s", json.dumps(config.to_json_dict(), sort_keys=True))
+
+
+def train(config: Config) -> int:
+    """--train: fit LoRA adapters, write RUN/{run_config.json, final_model, checkpoints, logs, metrics.json}."""
+    config, run_dir = prepare_run_dir(config)
+    device = resolve_device()
+    log_settings(config, run_dir, device)
+    splits = load_splits(config)
+    processor = load_processor(config.model_name, config.trust_remote_code)
+    model = prepare_for_training(load_base_model(config, device), config)
+    if not config.resume:
+        write_run_config(config, run_dir, device, splits)
+    scorer = CaptionScorer(processor, splits, config, with_fgd=bool(config.fgd_model)) if splits.val else None
+    trainer, timer = build_trainer(config, run_dir, model, processor, splits, scorer, device)
+    metrics = {"run_dir": str(run_dir), "device": device, "precision": describe_precision(config, device)}
+    if scorer is not None and not config.resume:
+        metrics["before"], _ = scorer(model)
+        logger.info("Validation caption metrics before training: %s", metrics["before"])
+        write_json_atomic(run_dir / "metrics.json", metrics)  # kept if the run is interrupted and resumed
+    checkpoint = latest_checkpoint(run_dir) if config.resume else None
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics.update(training_metrics(result, timer, time.perf_counter() - start, config, device))
+    final = save_final_model(trainer.model, processor, run_dir)
+    if scorer is not None:
+        metrics["val_loss"] = Trainer.evaluate(trainer)["eval_loss"]
+        metrics["after"], predictions = scorer(trainer.model)
+        metrics["sample_captions"] = dict(list(predictions.items())[:5])
+        logger.info("Validation caption metrics after training: %s", metrics["after"])
+    write_json_atomic(run_dir / "metrics.json", merge_previous_metrics(run_dir, metrics))
+    logger.info("Adapter saved to %s", final)
+    logger.info("Run folder: %s", run_dir.resolve())
+    return 0
+
+
+def build_trainer(config, run_dir, model, processor, splits, scorer, device):
+    bf16 = device == "cuda" and next(
+        (p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), None
+    ) == torch.bfloat16
+    args = build_training_args(config, run_dir, bool(splits.val), device, bf16)
+    timer = StepTimer()
+    (run_dir / "logs").mkdir(exist_ok=True)
+    tensorboard = TensorBoardCallback(tb_writer=SummaryWriter(str(run_dir / "logs")))
+    tensorboard.logging_dir = str(run_dir / "logs")  # where it reopens its writer after training ends
+    trainer = CaptionTrainer(
+        model=model,
+        args=args,
+        train_dataset=CaptionDataset(splits.train_dir, splits.train),
+        eval_dataset=CaptionDataset(splits.val_dir, splits.val) if splits.val else None,
+        data_collator=CaptionCollator(processor, config.max_length),
+        callbacks=[tensorboard, timer],
+        caption_scorer=scorer if config.metric_for_best_model != "loss" else None,
+    )
+    return trainer, timer
+
+
+def latest_checkpoint(run_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = run_dir / "checkpoints"
+    checkpoint = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if checkpoint is None:
+        logger.warning("--resume: no checkpoint in %s yet; training starts from the beginning.", folder)
+    else:
+        logger.info("Resuming from %s", checkpoint)
+    return checkpoint
+
+
+def training_metrics(result, timer: StepTimer, seconds: float, config: Config, device: str) -> dict:
+    images_per_step = config.batch_size * config.gradient_accumulation
+    per_step = timer.seconds / timer.steps if timer.steps else None
+    return {
+        "train_loss": result.training_loss,
+        "global_step": result.global_step,
+        "train_seconds": seconds,
+        "seconds_per_step": per_step,
+        "train_images_per_second": images_per_step / per_step if per_step else None,
+        "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_kind": "cuda max_memory_allocated" if device == "cuda" else "process max RSS",
+    }
+
+
+def merge_previous_metrics(run_dir: Path, metrics: dict) -> dict:
+    """On --resume keep the 'before' metrics of the first session."""
+    path = run_dir / "metrics.json"
+    if path.is_file() and "before" not in metrics:
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+            if "before" in previous:
+                metrics["before"] = previous["before"]
+        except ValueError:
+            pass
+    return metrics

@@ -1,0 +1,185 @@
+"""The one settings object of a run: built once from the command line, validated once, saved with the run."""
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.errors import UserInputError
+
+MODES = ("train", "eval", "inference", "merge_weights", "demo")
+QUANTIZATION_BITS = (4, 8, 16, 32)
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+MERGE_BASES = ("dequantized", "original")
+MERGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "rouge_1", "rouge_2")
+DEFAULT_TARGET_MODULES = ("query", "key", "value", "dense")  # every Linear of GIT's text decoder
+# Settings that define the trained model; later modes take them from the run, not the command line.
+MODEL_KEYS = (
+    "model_name", "quantization_bits", "bnb_4bit_quant_type", "bnb_4bit_compute_dtype",
+    "bnb_4bit_use_double_quant", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "max_length", "trust_remote_code",
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of one invocation; field names are the command-line flags without dashes."""
+
+    mode: str
+    # data
+    train_dir: Path | None = None
+    test_dir: Path | None = None
+    captions_file: Path | None = None
+    test_image: Path | None = None
+    predictions_file: Path | None = None
+    split_ratio: float = 0.1
+    max_length: int = 40
+    # model
+    model_name: str | None = None
+    quantization_bits: int = 4
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_compute_dtype: str = "auto"
+    bnb_4bit_use_double_quant: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    # training
+    output_dir: Path = Path("results")
+    run_name: str | None = None
+    batch_size: int = 8
+    epochs: float = 3.0
+    max_steps: int = -1
+    learning_rate: float = 2e-4
+    gradient_accumulation: int = 1
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    seed: int = 42
+    eval_steps: int | None = None
+    logging_steps: int = 10
+    save_total_limit: int = 2
+    metric_for_best_model: str = "loss"
+    num_workers: int = 2
+    resume: bool = False
+    # generation, evaluation, merging
+    max_new_tokens: int = 30
+    num_beams: int = 1
+    use_merged: bool = False
+    fgd_model: str | None = "thenlper/gte-small"
+    merge_base: str = "dequantized"
+    merge_dtype: str = "auto"
+    # demo
+    demo_scale: float = 1.0
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_json_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def _check_range(problems, flag, value, low, high=math.inf, low_open=False):
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high:
+        bound = f"{'>' if low_open else '>='} {low}" + ("" if high == math.inf else f" and <= {high}")
+        problems.append(f"{flag} must be {bound}; got {value}.")
+
+
+def _check_choice(problems, flag, value, choices):
+    if value not in choices:
+        problems.append(f"{flag} must be one of {', '.join(map(str, choices))}; got {value!r}.")
+
+
+def _check_numbers(config: Config, problems: list[str]) -> None:
+    _check_range(problems, "--split_ratio", config.split_ratio, 0.0, 0.9)
+    _check_range(problems, "--max_length", config.max_length, 2)
+    _check_range(problems, "--lora_r", config.lora_r, 1)
+    _check_range(problems, "--lora_alpha", config.lora_alpha, 0, low_open=True)
+    _check_range(problems, "--lora_dropout", config.lora_dropout, 0.0, 0.99)
+    _check_range(problems, "--batch_size", config.batch_size, 1)
+    _check_range(problems, "--epochs", config.epochs, 0, low_open=True)
+    _check_range(problems, "--learning_rate", config.learning_rate, 0, 1.0, low_open=True)
+    _check_range(problems, "--gradient_accumulation", config.gradient_accumulation, 1)
+    _check_range(problems, "--warmup_ratio", config.warmup_ratio, 0.0, 0.99)
+    _check_range(problems, "--weight_decay", config.weight_decay, 0.0)
+    _check_range(problems, "--logging_steps", config.logging_steps, 1)
+    _check_range(problems, "--save_total_limit", config.save_total_limit, 1)
+    _check_range(problems, "--num_workers", config.num_workers, 0)
+    _check_range(problems, "--max_new_tokens", config.max_new_tokens, 1)
+    _check_range(problems, "--num_beams", config.num_beams, 1)
+    _check_range(problems, "--demo_scale", config.demo_scale, 0.0, 1.0, low_open=True)
+    if config.eval_steps is not None:
+        _check_range(problems, "--eval_steps", config.eval_steps, 1)
+    if config.max_steps != -1:
+        _check_range(problems, "--max_steps", config.max_steps, 1)
+
+
+def _check_choices(config: Config, problems: list[str]) -> None:
+    _check_choice(problems, "--quantization_bits", config.quantization_bits, QUANTIZATION_BITS)
+    _check_choice(problems, "--bnb_4bit_quant_type", config.bnb_4bit_quant_type, QUANT_TYPES)
+    _check_choice(problems, "--bnb_4bit_compute_dtype", config.bnb_4bit_compute_dtype, COMPUTE_DTYPES)
+    _check_choice(problems, "--merge_base", config.merge_base, MERGE_BASES)
+    _check_choice(problems, "--merge_dtype", config.merge_dtype, MERGE_DTYPES)
+    _check_choice(problems, "--metric_for_best_model", config.metric_for_best_model, ("loss",) + CAPTION_METRICS)
+    if not config.lora_target_modules:
+        problems.append("--lora_target_modules is empty; give comma-separated module names such as query,key,value,dense.")
+    if config.run_name is not None and (not config.run_name or "/" in config.run_name or config.run_name in (".", "..")):
+        problems.append(f"--run_name must be a plain folder name; got {config.run_name!r}.")
+
+
+def _check_mode_inputs(config: Config, problems: list[str]) -> None:
+    if config.mode == "train" and config.train_dir is None:
+        problems.append("--train requires --train_dir, the folder of training images.")
+    if config.mode == "inference" and (config.test_dir is None) == (config.test_image is None):
+        problems.append("--inference needs exactly one of --test_dir (a folder of images) or --test_image (one image).")
+    if config.mode == "eval" and config.predictions_file is None and config.test_dir is None:
+        problems.append(
+            "--eval needs --test_dir (images to caption and score) or --predictions_file (captions to score), "
+            "plus --captions_file with the reference captions."
+        )
+    if config.mode == "eval" and config.predictions_file is not None and config.captions_file is None:
+        problems.append("--eval --predictions_file needs --captions_file, the reference captions to score against.")
+
+
+def validate(config: Config) -> Config:
+    """Raise one UserInputError that lists every problem found, each naming its flag."""
+    problems: list[str] = []
+    _check_mode_inputs(config, problems)
+    _check_numbers(config, problems)
+    _check_choices(config, problems)
+    if problems:
+        raise UserInputError("Invalid settings:\n  - " + "\n  - ".join(problems))
+    return config
+
+
+def load_run_config(run_dir: Path) -> dict:
+    """The settings a training run saved; the error names --train, which writes them."""
+    path = Path(run_dir) / "run_config.json"
+    if not path.is_file():
+        raise UserInputError(
+            f"{run_dir} is not a training run: {path.name} is missing. Give --output_dir the run folder that "
+            "`git_qlora_main.py --train` printed (OUTPUT_DIR/RUN_NAME), or --model_name to use a base model alone."
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserInputError(f"Cannot read {path}: {error}. Re-run --train or restore the file.") from None
+
+
+def apply_run_settings(config: Config, run_settings: dict) -> Config:
+    """Take the model-defining settings from a saved run so the user never repeats them."""
+    changes = {}
+    for key in MODEL_KEYS:
+        if key in run_settings:
+            value = run_settings[key]
+            changes[key] = tuple(value) if key == "lora_target_modules" else value
+    return config.replace(**changes)

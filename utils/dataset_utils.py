@@ -1,0 +1,510 @@
+"""Turn image folders and caption files into (image, caption) examples and GIT training batches."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import random
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from utils.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+# First-row values that mark a header rather than a data row.
+IMAGE_HEADER_NAMES = ("image_name", "file_name", "image", "filename", "file", "image_path", "path")
+CAPTION_HEADER_NAMES = ("caption", "text", "captions")
+
+# Hugging Face imagefolder names its caption column freely; these are the ones we accept, in order.
+METADATA_CAPTION_KEYS = ("text", "caption", "captions")
+
+# Warnings list at most this many names so a 100,000-image folder does not flood the log.
+MAX_NAMES_IN_WARNING = 10
+
+# A bad image is replaced by the next loadable one; give up after this many tries.
+MAX_FALLBACK_TRIES = 50
+
+IGNORE_INDEX = -100
+
+# Image paths already reported as unreadable in this process (one warning each).
+_WARNED_BAD_IMAGES: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Example:
+    image_name: str  # path relative to the folder, posix separators, e.g. "sub/a.jpg"
+    caption: str
+
+
+# ---------------------------------------------------------------------------
+# Finding images and captions
+# ---------------------------------------------------------------------------
+
+
+def find_images(folder: Path) -> list[str]:
+    """Relative posix names of the images under folder, sorted; hidden entries skipped."""
+    folder = Path(folder)
+    names = []
+    # os.walk does not descend into symlinked directories (followlinks=False), so the
+    # scan cannot leave the folder or loop forever.
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel_root = Path(root).relative_to(folder)
+        for name in files:
+            if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            names.append((rel_root / name).as_posix())
+    return sorted(names)
+
+
+def caption_from_filename(image_name: str) -> str:
+    """Caption guessed from a file's base name: "a_red_car-01.jpg" -> "a red car"."""
+    stem = PurePosixPath(image_name.replace("\\", "/")).name
+    stem = stem.rsplit(".", 1)[0] if "." in stem else stem
+    words = re.sub(r"[_\-]+", " ", stem)
+    without_number = re.sub(r"[\s\d]*\d\s*$", "", words)
+    # A name that is only a number ("0001.jpg") would give an empty caption: keep the number.
+    caption = without_number if without_number.strip() else words
+    return " ".join(caption.split())
+
+
+def normalise_image_name(name: str) -> str:
+    """Posix form of a name from a captions file: backslashes to '/', leading './' removed."""
+    name = name.strip().replace("\\", "/")
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
+def _read_text(path: Path) -> str:
+    """Text of a UTF-8 file (BOM optional); undecodable bytes are replaced, with a warning."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        logger.warning(
+            "%s is not valid UTF-8 (first bad byte at offset %d); undecodable bytes were "
+            "replaced by U+FFFD. Save the file as UTF-8 to keep every character.",
+            path, err.start,
+        )
+        return data.decode("utf-8-sig", errors="replace")
+
+
+def _is_header(row: list[str]) -> bool:
+    cells = [c.strip().lower() for c in row]
+    return len(cells) >= 2 and cells[0] in IMAGE_HEADER_NAMES and cells[1] in CAPTION_HEADER_NAMES
+
+
+def _parse_caption_row(row: list[str]) -> tuple[str, str] | None:
+    """(image name, caption) from one CSV row, or None when the row is unusable."""
+    cells = list(row)
+    # Spreadsheets often leave trailing empty cells; they are not part of the caption.
+    while len(cells) > 2 and not cells[-1].strip():
+        cells.pop()
+    if len(cells) < 2:
+        return None
+    # More than two cells means the caption held unquoted commas: put them back.
+    name, caption = normalise_image_name(cells[0]), ",".join(cells[1:]).strip()
+    if not name or not caption:
+        return None
+    return name, caption
+
+
+def read_captions_file(path: Path) -> dict[str, list[str]]:
+    """Captions per image name from a CSV of `image_name,caption` rows (header optional)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(
+            f"--captions_file {path} does not exist or is not a file. Give the path of a CSV "
+            "file with one `image_name,caption` row per caption, or leave the flag out to use "
+            "the folder's metadata.csv/metadata.jsonl or the image file names as captions."
+        )
+    rows = [row for row in csv.reader(io.StringIO(_read_text(path))) if any(c.strip() for c in row)]
+    if rows and _is_header(rows[0]):
+        rows = rows[1:]
+    captions: dict[str, list[str]] = {}
+    skipped = 0
+    for row in rows:
+        parsed = _parse_caption_row(row)
+        if parsed is None:
+            skipped += 1
+            continue
+        captions.setdefault(parsed[0], []).append(parsed[1])
+    if skipped:
+        logger.warning(
+            "%s: skipped %d row(s) without both an image name and a non-empty caption.", path, skipped
+        )
+    if not captions:
+        raise UserInputError(
+            f"--captions_file {path} has no usable row. Each row must be `image_name,caption` "
+            "(an optional first header row such as `image_name,caption` is allowed)."
+        )
+    return captions
+
+
+def _caption_list(value) -> list[str] | None:
+    """Captions from a metadata value: a string or a list of strings; None if unusable."""
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, str) for v in values):
+        return None
+    captions = [v.strip() for v in values if v.strip()]
+    return captions or None
+
+
+def _metadata_records(path: Path) -> tuple[list[dict], int]:
+    """Rows of metadata.csv or metadata.jsonl as dicts, and the count of unparseable lines."""
+    text = _read_text(path)
+    if path.suffix == ".csv":
+        return list(csv.DictReader(io.StringIO(text))), 0
+    records, bad = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad += 1
+    return records, bad
+
+
+def _pick_caption_key(path: Path, records: list[dict]) -> str:
+    # csv.DictReader files surplus cells under the key None: only real column names count.
+    keys = {k for r in records for k in r if isinstance(k, str)}
+    caption_key = next((k for k in METADATA_CAPTION_KEYS if k in keys), None)
+    if "file_name" not in keys or caption_key is None:
+        raise UserInputError(
+            f"{path} needs a `file_name` column and a `text` (or `caption`) column, as in the "
+            f"Hugging Face imagefolder layout; found columns: {sorted(keys) or 'none'}. "
+            "Rename the columns, or pass a CSV with --captions_file."
+        )
+    return caption_key
+
+
+def read_folder_metadata(folder: Path) -> dict[str, list[str]] | None:
+    """Captions from the folder's metadata.csv or metadata.jsonl; None when it has neither."""
+    folder = Path(folder)
+    candidates = [p for p in (folder / "metadata.csv", folder / "metadata.jsonl") if p.is_file()]
+    if not candidates:
+        return None
+    if len(candidates) > 1:
+        raise UserInputError(
+            f"{folder} holds both metadata.csv and metadata.jsonl; it is unclear which one to use. "
+            "Remove one of them, or pass the captions with --captions_file."
+        )
+    path = candidates[0]
+    records, bad = _metadata_records(path)
+    caption_key = _pick_caption_key(path, records)
+    captions: dict[str, list[str]] = {}
+    for record in records:
+        name, texts = record.get("file_name"), _caption_list(record.get(caption_key))
+        if not isinstance(name, str) or not normalise_image_name(name) or texts is None:
+            bad += 1
+            continue
+        captions.setdefault(normalise_image_name(name), []).extend(texts)
+    if bad:
+        logger.warning("%s: skipped %d malformed line(s) or line(s) without a caption.", path, bad)
+    if not captions:
+        raise UserInputError(
+            f"{path} has no usable line (each needs `file_name` and a non-empty caption)."
+        )
+    return captions
+
+
+def load_captions(folder: Path, captions_file: Path | None) -> dict[str, list[str]] | None:
+    """Captions from --captions_file, else the folder's metadata; None means use file names."""
+    if captions_file is not None:
+        return read_captions_file(Path(captions_file))
+    return read_folder_metadata(Path(folder))
+
+
+# ---------------------------------------------------------------------------
+# Pairing images with captions
+# ---------------------------------------------------------------------------
+
+
+def _format_names(names: list[str]) -> str:
+    shown = ", ".join(names[:MAX_NAMES_IN_WARNING])
+    more = len(names) - MAX_NAMES_IN_WARNING
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _warn_names(message: str, names: list[str]) -> None:
+    if names:
+        logger.warning("%s (%d): %s", message, len(names), _format_names(names))
+
+
+def _is_outside(name: str) -> bool:
+    """True for names that would point outside the folder: absolute, drive-letter or '..'."""
+    return name.startswith("/") or bool(re.match(r"^[A-Za-z]:", name)) or ".." in name.split("/")
+
+
+def list_images(folder: Path, flag: str) -> list[str]:
+    """Image names in folder, or UserInputError naming flag when there are none."""
+    if not folder.exists():
+        raise UserInputError(f"{flag} {folder} does not exist. Give the folder that holds the images.")
+    if not folder.is_dir():
+        raise UserInputError(f"{flag} {folder} is not a folder. Give the folder that holds the images.")
+    images = find_images(folder)
+    if not images:
+        raise UserInputError(
+            f"{flag} {folder} holds no images (looked recursively for {', '.join(IMAGE_EXTENSIONS)}, "
+            "hidden files skipped). Check the path."
+        )
+    return images
+
+
+def _match_name(name: str, image_set: set[str], folder_name: str) -> str | None:
+    """The folder image a captions-file name refers to, or None."""
+    if name in image_set:
+        return name
+    # Users often write names relative to the folder's parent ("train/a.jpg" for .../train).
+    prefix = folder_name + "/"
+    if name.startswith(prefix) and name[len(prefix):] in image_set:
+        return name[len(prefix):]
+    return None
+
+
+def _match_captions(
+    captions: dict[str, list[str]], images: list[str], folder: Path
+) -> dict[str, list[str]]:
+    """Captions keyed by folder image name; warns about names that match nothing."""
+    image_set = set(images)
+    matched: dict[str, list[str]] = {}
+    outside, missing, unsupported, elsewhere = [], [], [], []
+    for name, texts in captions.items():
+        if _is_outside(name):
+            outside.append(name)
+            continue
+        image = _match_name(name, image_set, folder.name)
+        if image is not None:
+            matched.setdefault(image, []).extend(texts)
+        elif (folder / name).is_file():
+            unsupported.append(name)
+        elif "/" in name and (folder.parent / name).is_file():
+            elsewhere.append(name)  # one captions file for train/ and test/, named relative to their parent
+        else:
+            missing.append(name)
+    if elsewhere:
+        logger.info("%d caption names refer to images beside %s (e.g. %s); not used here.", len(elsewhere), folder, elsewhere[0])
+    _warn_names("Skipped caption names that point outside the folder", outside)
+    _warn_names(f"Skipped caption names that are not in {folder}", missing)
+    _warn_names(
+        f"Skipped caption names whose files are not images ({', '.join(IMAGE_EXTENSIONS)})", unsupported
+    )
+    return matched
+
+
+def _no_match_error(
+    captions: dict[str, list[str]], images: list[str], source: str, flag: str, folder: Path
+) -> UserInputError:
+    return UserInputError(
+        f"None of the {len(captions)} image names in {source} matches an image in {flag} {folder}. "
+        f"Names in the captions: {_format_names(list(captions)[:5])}. "
+        f"Images found: {_format_names(images[:5])}. Names must be paths relative to the folder "
+        "(for example `sub/a.jpg`); check for a missing or extra path prefix."
+    )
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # a broken symlink or a file removed during the scan
+        return 0
+
+
+def _drop_empty_files(folder: Path, names: list[str]) -> list[str]:
+    empty = {n for n in names if _file_size(folder / n) == 0}
+    _warn_names("Skipped empty (zero-byte) or unreadable image files", sorted(empty))
+    return [n for n in names if n not in empty]
+
+
+def _captions_from_filenames(images: list[str]) -> dict[str, list[str]]:
+    captions = {name: caption_from_filename(name) for name in images}
+    _warn_names(
+        "Skipped images whose file name gives no caption", [n for n, c in captions.items() if not c]
+    )
+    return {name: [c] for name, c in captions.items() if c}
+
+
+def collect_examples(
+    folder: Path, captions_file: Path | None = None, flag: str = "--train_dir"
+) -> list[Example]:
+    """One Example per (image, caption) pair under folder, in sorted image order."""
+    folder = Path(folder)
+    images = list_images(folder, flag)
+    captions = load_captions(folder, captions_file)
+    if captions is None:
+        logger.info("No captions file or metadata in %s: using image file names as captions.", folder)
+        by_image = _captions_from_filenames(images)
+    else:
+        source = f"--captions_file {captions_file}" if captions_file else f"the metadata file of {folder}"
+        by_image = _match_captions(captions, images, folder)
+        if not by_image:
+            raise _no_match_error(captions, images, source, flag, folder)
+        _warn_names("Skipped images that have no caption", [n for n in images if n not in by_image])
+    kept = _drop_empty_files(folder, [n for n in images if n in by_image])
+    if not kept:
+        raise UserInputError(
+            f"{flag} {folder}: no non-empty image has a caption; see the warnings above."
+        )
+    examples = [Example(name, text) for name in kept for text in by_image[name]]
+    logger.info("%s: %d images, %d captions.", folder, len(kept), len(examples))
+    return examples
+
+
+def split_by_image(
+    examples: list[Example], ratio: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """(train, validation) with every image's captions on one side; ratio of images held out."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"validation ratio must be in [0, 1), got {ratio}")
+    names = sorted({e.image_name for e in examples})
+    n_val = round(ratio * len(names))
+    if ratio > 0 and len(names) >= 2:
+        n_val = max(n_val, 1)
+    # Never hold out every image: training needs at least one.
+    n_val = min(n_val, max(len(names) - 1, 0))
+    held_out = set(random.Random(seed).sample(names, n_val))
+    train = [e for e in examples if e.image_name not in held_out]
+    val = [e for e in examples if e.image_name in held_out]
+    return train, val
+
+
+# ---------------------------------------------------------------------------
+# Loading images
+# ---------------------------------------------------------------------------
+
+
+def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
+    """RGB from 16/32-bit or float grayscale; Pillow's own convert would clip to 255 (all white)."""
+    arr = np.asarray(img, dtype=np.float64)
+    peak = 65535.0 if img.mode.startswith("I;16") else float(arr.max(initial=0.0))
+    if peak > 255.0:
+        arr = arr * (255.0 / peak)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB copy of img; transparent pixels become white rather than black."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        return _high_depth_to_rgb(img)
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def load_image(path: Path) -> tuple[Image.Image | None, str | None]:
+    """(RGB image, None), or (None, reason) for a file that cannot be used; never raises."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # decode now so truncated files fail here, not later
+                # exif_transpose returns a copy, so the result outlives the open file.
+                return _to_rgb(ImageOps.exif_transpose(img)), None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return None, f"too many pixels (decompression bomb guard): {err}"
+    except Exception as err:  # noqa: BLE001 - Pillow decoders raise many types on corrupt input
+        return None, f"cannot read image ({type(err).__name__}: {err})"
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """Examples as {"image", "caption", "image_name"} dicts; images are read on access."""
+
+    def __init__(self, folder: Path, examples: list[Example]):
+        self.folder = Path(folder)
+        self.examples = list(examples)
+        self._bad_names: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _load(self, image_name: str) -> Image.Image | None:
+        if image_name in self._bad_names:
+            return None
+        image, reason = load_image(self.folder / image_name)
+        if image is None:
+            self._bad_names.add(image_name)
+            # Keyed by full path: train and validation folders may share file names.
+            path = str(self.folder / image_name)
+            if path not in _WARNED_BAD_IMAGES:
+                _WARNED_BAD_IMAGES.add(path)
+                logger.warning("Skipping %s: %s", path, reason)
+        return image
+
+    def __getitem__(self, i: int) -> dict | None:
+        n = len(self.examples)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} examples")
+        # A bad image is replaced by the next loadable example so every batch stays full.
+        for step in range(min(MAX_FALLBACK_TRIES, n)):
+            example = self.examples[(i + step) % n]
+            image = self._load(example.image_name)
+            if image is not None:
+                return {"image": image, "caption": example.caption, "image_name": example.image_name}
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------
+
+
+def build_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with input_ids (GIT shifts them itself), padding set to -100."""
+    labels = input_ids.clone()
+    labels[attention_mask == 0] = IGNORE_INDEX
+    return labels
+
+
+class CaptionCollator:
+    """Batches CaptionDataset items into GIT inputs: pixel_values, input_ids, attention_mask, labels."""
+
+    def __init__(self, processor, max_length: int = 40):
+        self.processor = processor
+        self.max_length = max_length
+
+    def __call__(self, batch: list[dict | None]) -> dict[str, torch.Tensor]:
+        items = [item for item in batch if item is not None]
+        if not items:
+            raise RuntimeError(
+                "No image in this batch could be loaded; see the 'Skipping' warnings above "
+                "and remove or repair the unreadable files."
+            )
+        # The tokenizer's [CLS] ... [SEP] framing is kept: GIT's reference training uses it.
+        encoded = self.processor(
+            images=[item["image"] for item in items],
+            text=[item["caption"] for item in items],
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {
+            "pixel_values": encoded["pixel_values"],
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "labels": build_labels(encoded["input_ids"], encoded["attention_mask"]),
+        }
