@@ -88,7 +88,7 @@ def normalise_image_name(name: str) -> str:
     return name
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     """Text of a UTF-8 file (BOM optional); undecodable bytes are replaced, with a warning."""
     data = path.read_bytes()
     try:
@@ -131,7 +131,7 @@ def read_captions_file(path: Path) -> dict[str, list[str]]:
             "file with one `image_name,caption` row per caption, or leave the flag out to use "
             "the folder's metadata.csv/metadata.jsonl or the image file names as captions."
         )
-    rows = [row for row in csv.reader(io.StringIO(_read_text(path))) if any(c.strip() for c in row)]
+    rows = [row for row in csv.reader(io.StringIO(read_text(path))) if any(c.strip() for c in row)]
     if rows and _is_header(rows[0]):
         rows = rows[1:]
     captions: dict[str, list[str]] = {}
@@ -165,7 +165,7 @@ def _caption_list(value) -> list[str] | None:
 
 def _metadata_records(path: Path) -> tuple[list[dict], int]:
     """Rows of metadata.csv or metadata.jsonl as dicts, and the count of unparseable lines."""
-    text = _read_text(path)
+    text = read_text(path)
     if path.suffix == ".csv":
         return list(csv.DictReader(io.StringIO(text))), 0
     records, bad = [], 0

@@ -107,3 +107,15 @@ def write_demo_dataset(root: Path, train_count: int, test_count: int, seed: int 
 def every_caption() -> list[str]:
     """All captions either style can produce: the vocabulary of the demo's tokenizer."""
     return [c for scene in all_scenes() for c in [base_caption(scene)] + user_captions(scene)]
+
+
+def generate_base_examples(count: int, seed: int = 0, size: int = 64) -> list[tuple[Image.Image, str]]:
+    """`count` in-memory pictures captioned in the base style, every scene in turn: the base model's pretraining set."""
+    rng = random.Random(seed)
+    scenes = all_scenes()
+    rng.shuffle(scenes)
+    examples = []
+    for index in range(count):
+        scene = scenes[index % len(scenes)]
+        examples.append((draw_scene(scene, rng, size), base_caption(scene)))
+    return examples

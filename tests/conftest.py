@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny random GIT checkpoint and a small captioned image folder, built offline."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub fails fast instead of hanging
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from models.small_git import SmallGitSize, build_small_git  # noqa: E402
+from utils.demo_data import every_caption, write_demo_dataset  # noqa: E402
+
+TINY_SIZE = SmallGitSize(
+    hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+    vision_hidden_size=64, vision_intermediate_size=128, vision_layers=2, image_size=32, patch_size=16,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random GIT (hidden 64, 2+2 layers, 32 px) with a processor, loadable by from_pretrained."""
+    return build_small_git(tmp_path_factory.mktemp("tiny_git"), every_caption(), TINY_SIZE, seed=0)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """D/train (24 pictures), D/test (8 pictures), D/captions.csv with three captions per picture."""
+    return write_demo_dataset(tmp_path_factory.mktemp("data"), train_count=24, test_count=8, seed=1, size=32)
+
+
+@pytest.fixture(scope="session")
+def train_cmd(data_dir, tiny_model_dir):
+    """Builds the command line of a quick training run on the tiny fixtures."""
+
+    def build(out: Path, run: str, *extra: str) -> list[str]:
+        return [
+            "--train", "--train_dir", str(data_dir / "train"), "--test_dir", str(data_dir / "test"),
+            "--captions_file", str(data_dir / "captions.csv"), "--model_name", str(tiny_model_dir),
+            "--output_dir", str(out), "--run_name", run, "--batch_size", "4", "--num_workers", "0",
+            "--fgd_model", "none", "--max_new_tokens", "8", *extra,
+        ]
+
+    return build

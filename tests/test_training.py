@@ -1,0 +1,196 @@
+"""The 4-bit QLoRA model builder and `--train`: run folder, adapter, TensorBoard, resume, errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+from git_qlora_main import main
+from models.git_qlora import find_target_modules, load_base_model, prepare_for_training
+from scripts.inference import generate_captions
+from utils.config import Config
+from utils.dataset_utils import CaptionCollator, CaptionDataset, collect_examples
+from utils.errors import UserInputError
+
+
+def _config(model_dir, **changes) -> Config:
+    return Config(mode="train", model_name=str(model_dir), lora_r=4, lora_alpha=8, lora_dropout=0.0, **changes)
+
+
+def _batch(data_dir, processor, n=4):
+    examples = collect_examples(data_dir / "train", data_dir / "captions.csv")[:n]
+    dataset = CaptionDataset(data_dir / "train", examples)
+    return CaptionCollator(processor, 40)([dataset[i] for i in range(len(examples))])
+
+
+def _train_steps(model, batch, steps=3, lr=1e-2) -> list[float]:
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_lora_targets_resolve_to_linear_layers_only(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    text = find_target_modules(model, ("query", "key", "value", "dense"))
+    assert len(text) == 2 * 6 and all(name.startswith("git.encoder.layer.") for name in text)
+    # A bare "output" also names BertSelfOutput modules; only the LM head is a Linear.
+    assert find_target_modules(model, ("output",)) == ["output"]
+    with pytest.raises(UserInputError, match="--lora_target_modules names qkv.*Valid names.*q_proj"):
+        find_target_modules(model, ("query", "qkv"))
+
+
+def test_4bit_model_is_quantized_and_lora_wraps_targets(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    model = load_base_model(_config(tiny_model_dir), "cpu")
+    assert isinstance(model.git.encoder.layer[0].attention.self.query, bnb.nn.Linear4bit)
+    model = prepare_for_training(model, _config(tiny_model_dir, lora_target_modules=("query", "fc1")))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len([n for n in trainable if n.endswith("lora_A.default.weight")]) == 2 + 2  # 2 query + 2 fc1
+
+
+def test_4bit_cpu_training_survives_generation_between_steps(tiny_model_dir, data_dir):
+    """Train, caption (eval mode, no grad), train again, twice: the CPU packing trap of GIT_NOTES."""
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    model = prepare_for_training(load_base_model(_config(tiny_model_dir), "cpu"), _config(tiny_model_dir))
+    batch = _batch(data_dir, processor)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    losses = []
+    for _ in range(2):
+        losses += _train_steps(model, batch)
+        model.eval()
+        images = [CaptionDataset(data_dir / "test", collect_examples(data_dir / "test", data_dir / "captions.csv"))[0]["image"]]
+        assert isinstance(generate_captions(model, processor, images, max_new_tokens=5)[0], str)
+    losses += _train_steps(model, batch)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]  # a high learning rate on one batch must fit it
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert len(changed) == len(before)
+
+
+def test_gradient_checkpointing_gives_same_loss_and_gradients(tiny_model_dir, data_dir):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    batch = _batch(data_dir, processor)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        config = _config(tiny_model_dir, gradient_checkpointing=checkpointing)
+        model = prepare_for_training(load_base_model(config, "cpu"), config)
+        for name, p in model.named_parameters():  # make B non-zero so A gets gradients too
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+        model.train()
+        loss = model(**batch).loss
+        loss.backward()
+        name = "base_model.model.git.encoder.layer.0.attention.self.query.lora_A.default.weight"
+        grads.append((loss.item(), dict(model.named_parameters())[name].grad.clone()))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6) and grads[1][1].abs().sum() > 0
+
+
+def _scalar_tags(log_dir: Path) -> dict[str, int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: dict[str, int] = {}
+    for events in log_dir.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            tags[tag] = tags.get(tag, 0) + len(acc.Scalars(tag))
+    return tags
+
+
+def test_train_writes_run_folder_and_adapter_loads_with_plain_peft(tmp_path, train_cmd, tiny_model_dir, data_dir):
+    args = train_cmd(tmp_path, "r1", "--epochs", "2", "--quantization_bits", "4", "--lora_r", "8",
+                     "--learning_rate", "5e-3", "--logging_steps", "2")
+    assert main(args) == 0
+    run = tmp_path / "r1"
+    for name in ("run_config.json", "metrics.json", "final_model/adapter_config.json",
+                 "final_model/adapter_model.safetensors", "final_model/processor_config.json"):
+        assert (run / name).is_file(), name
+    assert not list(run.rglob("*.bin")) or all(p.name == "training_args.bin" for p in run.rglob("*.bin"))
+    settings = json.loads((run / "run_config.json").read_text())
+    assert settings["base_model"] == str(tiny_model_dir) and settings["lora_r"] == 8
+    assert settings["library_versions"]["transformers"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["global_step"] == 2 * 72 // 4 and metrics["seconds_per_step"] > 0 and metrics["peak_memory_mb"] > 0
+    assert {"before", "after", "val_loss", "train_loss"} <= metrics.keys()
+    assert len(list((run / "checkpoints").glob("checkpoint-*"))) >= 1
+    tags = _scalar_tags(run / "logs")
+    assert tags.get("train/loss", 0) >= 3 and "eval/loss" in tags and "train/learning_rate" in tags
+
+    # The adapter loads with plain transformers + PEFT and changes the model's outputs.
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    batch = _batch(data_dir, processor, n=2)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        base_logits = base(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        tuned = PeftModel.from_pretrained(base, str(run / "final_model")).eval()
+        tuned_logits = tuned(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert (tuned_logits - base_logits).abs().max() > 1e-3
+
+
+def test_existing_run_is_never_overwritten(tmp_path, train_cmd, capsys):
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "keep.txt").write_text("mine")
+    assert main(train_cmd(tmp_path, "r1", "--max_steps", "1")) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "r1" / "keep.txt").read_text() == "mine"
+
+
+def test_resume_continues_from_newest_checkpoint(tmp_path, train_cmd, caplog):
+    assert main(train_cmd(tmp_path, "r1", "--max_steps", "4", "--eval_steps", "2", "--save_total_limit", "3")) == 0
+    run = tmp_path / "r1"
+    # Simulate an interruption after step 2: the later checkpoint and the final adapter never got written.
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(run / "final_model")
+    caplog.set_level("INFO")
+    assert main(train_cmd(tmp_path, "r1", "--max_steps", "6", "--eval_steps", "2", "--resume")) == 0
+    assert "checkpoint-2" in caplog.text and "Resuming from" in caplog.text
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["global_step"] == 6 and "before" in metrics
+    assert (run / "final_model" / "adapter_model.safetensors").is_file()
+    state = json.loads((run / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "eval_loss" in e] == [2, 4, 6]
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (["--train_dir", "/nonexistent/folder"], "--train_dir /nonexistent/folder does not exist"),
+        (["--quantization_bits", "3"], "--quantization_bits must be one of 4, 8, 16, 32; got 3"),
+        (["--lora_target_modules", "query,nope"], "--lora_target_modules names nope"),
+        (["--split_ratio", "2", "--lora_r", "0"], "--lora_r must be >= 1"),
+        (["--model_name", "/nonexistent/model"], "--model_name"),
+        (["--metric_for_best_model", "accuracy"], "--metric_for_best_model must be one of"),
+    ],
+)
+def test_bad_input_is_a_clean_error(tmp_path, train_cmd, capsys, change, needle):
+    assert main(train_cmd(tmp_path, "r1", "--max_steps", "1") + change) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_empty_folder_and_unmatched_csv_are_clean_errors(tmp_path, train_cmd, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(train_cmd(tmp_path, "r1") + ["--train_dir", str(empty)]) == 2
+    assert "holds no images" in capsys.readouterr().err
+    csv = tmp_path / "other.csv"
+    csv.write_text("image_name,caption\nnot_here.jpg,a cat\n")
+    assert main(train_cmd(tmp_path, "r2") + ["--captions_file", str(csv)]) == 2
+    err = capsys.readouterr().err
+    assert "--captions_file" in err and "matches an image" in err and "Traceback" not in err
