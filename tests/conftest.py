@@ -42,3 +42,13 @@ def train_cmd(data_dir, tiny_model_dir):
         ]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, train_cmd) -> Path:
+    """A run trained with a high learning rate, so its adapter is far from a no-op."""
+    from git_qlora_main import main
+
+    out = tmp_path_factory.mktemp("runs")
+    assert main(train_cmd(out, "r1", "--max_steps", "12", "--learning_rate", "2e-2", "--lora_r", "8")) == 0
+    return out / "r1"
