@@ -26,14 +26,27 @@ class SmallGitSize:
     vision_layers: int = 2
     image_size: int = 64  # pixels; image tokens = (image_size / patch_size)^2 + 1
     patch_size: int = 16
+    max_position_embeddings: int = 128  # longest caption in tokens
 
 
-def build_vocab(captions: list[str]) -> list[str]:
-    """Sorted word pieces of the captions as BERT's basic tokenizer splits them (lowercase, punctuation apart)."""
+# git-base's shape (GitConfig() defaults): a fair stand-in for speed and memory measurements.
+GIT_BASE_SIZE = SmallGitSize(
+    hidden_size=768, intermediate_size=3072, num_layers=6, num_heads=12, vision_hidden_size=768,
+    vision_intermediate_size=3072, vision_layers=12, image_size=224, patch_size=16, max_position_embeddings=1024,
+)
+GIT_BASE_VOCAB = 30522
+
+
+def build_vocab(captions: list[str], vocab_size: int | None = None) -> list[str]:
+    """Sorted word pieces of the captions as BERT's basic tokenizer splits them (lowercase, punctuation apart).
+
+    vocab_size pads the list with unused tokens, e.g. to BERT's 30522 for a git-base-sized benchmark model.
+    """
     words = set()
     for caption in captions:
         words.update(re.findall(r"\w+|[^\w\s]", caption.lower()))
-    return SPECIAL_TOKENS + sorted(words - set(SPECIAL_TOKENS))
+    vocab = SPECIAL_TOKENS + sorted(words - set(SPECIAL_TOKENS))
+    return vocab + [f"[unused{i}]" for i in range(max(0, (vocab_size or 0) - len(vocab)))]
 
 
 def build_git_config(vocab_size: int, size: SmallGitSize) -> GitConfig:
@@ -53,7 +66,7 @@ def build_git_config(vocab_size: int, size: SmallGitSize) -> GitConfig:
         intermediate_size=size.intermediate_size,
         num_hidden_layers=size.num_layers,
         num_attention_heads=size.num_heads,
-        max_position_embeddings=128,
+        max_position_embeddings=size.max_position_embeddings,
         pad_token_id=SPECIAL_TOKENS.index("[PAD]"),
         bos_token_id=SPECIAL_TOKENS.index("[CLS]"),
         eos_token_id=SPECIAL_TOKENS.index("[SEP]"),
@@ -73,14 +86,15 @@ def build_processor(vocab: list[str], folder: Path, image_size: int) -> GitProce
 
 
 def build_small_git(
-    output_dir: Path, captions: list[str], size: SmallGitSize = SmallGitSize(), seed: int = 0
+    output_dir: Path, captions: list[str], size: SmallGitSize = SmallGitSize(), seed: int = 0,
+    vocab_size: int | None = None,
 ) -> Path:
     """Write a random GIT (config, safetensors weights, processor) to output_dir; returns the folder.
 
     It loads like a hub checkpoint with AutoProcessor / AutoModelForCausalLM.from_pretrained(output_dir).
     """
     output_dir = Path(output_dir)
-    vocab = build_vocab(captions)
+    vocab = build_vocab(captions, vocab_size)
     processor = build_processor(vocab, output_dir, size.image_size)
     torch.manual_seed(seed)
     model = GitForCausalLM(build_git_config(len(vocab), size))

@@ -14,7 +14,9 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
-from models.git_qlora import describe_precision, load_base_model, load_processor, prepare_for_training, resolve_device
+from models.git_qlora import (
+    describe_precision, load_base_model, load_processor, prepare_for_training, resolve_compute_dtype, resolve_device,
+)
 from utils.config import MODEL_KEYS, Config, apply_run_settings, load_run_config
 from utils.dataset_utils import CaptionCollator, CaptionDataset, Example, collect_examples, split_by_image
 from utils.errors import UserInputError
@@ -244,9 +246,8 @@ def train(config: Config) -> int:
 
 
 def build_trainer(config, run_dir, model, processor, splits, scorer, device):
-    bf16 = device == "cuda" and next(
-        (p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), None
-    ) == torch.bfloat16
+    # prepare_model_for_kbit_training upcasts the unquantized weights to fp32; bf16 autocast keeps GPU speed.
+    bf16 = device == "cuda" and config.quantization_bits != 32 and resolve_compute_dtype(config, device) == torch.bfloat16
     args = build_training_args(config, run_dir, bool(splits.val), device, bf16)
     timer = StepTimer()
     (run_dir / "logs").mkdir(exist_ok=True)
