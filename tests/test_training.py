@@ -194,3 +194,14 @@ def test_empty_folder_and_unmatched_csv_are_clean_errors(tmp_path, train_cmd, ca
     assert main(train_cmd(tmp_path, "r2") + ["--captions_file", str(csv)]) == 2
     err = capsys.readouterr().err
     assert "--captions_file" in err and "matches an image" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("bits", ["8", "16", "32"])
+def test_other_precisions_train_and_say_what_runs(tmp_path, train_cmd, caplog, bits):
+    caplog.set_level("INFO")
+    args = train_cmd(tmp_path, f"q{bits}", "--max_steps", "1", "--quantization_bits", bits)
+    args[args.index("--test_dir"):args.index("--test_dir") + 2] = []  # no validation: a precision smoke test
+    assert main(args + ["--split_ratio", "0"]) == 0
+    expected = {"8": "8-bit LLM.int8 base", "16": "unquantized torch.bfloat16 base", "32": "unquantized torch.float32 base"}
+    assert expected[bits] in caplog.text
+    assert (tmp_path / f"q{bits}" / "final_model" / "adapter_model.safetensors").is_file()
