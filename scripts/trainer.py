@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from transformers.integrations import TensorBoardCallback
 from models.git_qlora import (
     describe_precision, load_base_model, load_processor, prepare_for_training, resolve_compute_dtype, resolve_device,
 )
-from utils.config import MODEL_KEYS, Config, apply_run_settings, load_run_config
+from utils.config import Config, apply_run_settings, load_run_config
 from utils.dataset_utils import CaptionCollator, CaptionDataset, Example, collect_examples, split_by_image
 from utils.errors import UserInputError
 from utils.evaluation import write_json_atomic

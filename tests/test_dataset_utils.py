@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from utils import dataset_utils as du
 from utils.dataset_utils import (
     CaptionCollator,
     CaptionDataset,
