@@ -208,14 +208,28 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> tuple[float
     return max(distance, 0.0), note
 
 
-def load_text_encoder(name_or_path: str, device="cpu"):
-    """(model, tokenizer) of a sentence encoder from a hub id or a local folder, in eval mode."""
-    # Imported here: transformers is slow to import and only FGD needs it.
-    from transformers import AutoModel, AutoTokenizer
+_ENCODERS: dict[tuple[str, str], tuple | Exception] = {}
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model = AutoModel.from_pretrained(name_or_path).to(device).eval()
-    return model, tokenizer
+
+def load_text_encoder(name_or_path: str, device="cpu"):
+    """(model, tokenizer) of a sentence encoder from a hub id or a local folder, in eval mode.
+
+    Kept per process, failures too: training scores before and after, and an offline hub lookup
+    spends most of a minute on retries.
+    """
+    key = (str(name_or_path), str(device))
+    if key not in _ENCODERS:
+        # Imported here: transformers is slow to import and only FGD needs it.
+        from transformers import AutoModel, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            _ENCODERS[key] = (AutoModel.from_pretrained(name_or_path).to(device).eval(), tokenizer)
+        except Exception as error:  # noqa: BLE001  (compute_fgd turns it into a note)
+            _ENCODERS[key] = error
+    if isinstance(_ENCODERS[key], Exception):
+        raise _ENCODERS[key]
+    return _ENCODERS[key]
 
 
 def embed_captions(captions: list[str], encoder, tokenizer, device="cpu", batch_size=64) -> np.ndarray:
