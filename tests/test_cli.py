@@ -1,0 +1,40 @@
+"""The dispatcher: argument errors are one clean paragraph with exit code 2, every problem reported at once."""
+
+import pytest
+
+from git_qlora_main import build_config, build_parser, main
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        ([], ["one of the arguments --train --eval --inference --merge_weights --demo is required"]),
+        (["--train", "--inference"], ["not allowed with argument"]),
+        (["--train", "--batch_size", "many"], ["--batch_size", "invalid int value"]),
+        (["--inference"], ["--inference needs exactly one of --test_dir", "--test_image"]),
+        (["--eval", "--predictions_file", "p.csv"], ["--eval --predictions_file needs --captions_file"]),
+        (["--train"], ["--train requires --train_dir"]),
+    ],
+)
+def test_usage_errors_exit_2_without_traceback(capsys, argv, needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert all(n in err for n in needles) and "Traceback" not in err
+
+
+def test_every_problem_is_reported_together(capsys):
+    argv = ["--train", "--train_dir", "d", "--lora_r", "0", "--learning_rate", "-1", "--bnb_4bit_quant_type", "nf8",
+            "--merge_dtype", "int4"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for flag in ("--lora_r", "--learning_rate", "--bnb_4bit_quant_type", "--merge_dtype"):
+        assert flag in err
+
+
+def test_config_is_frozen_and_parses_lists():
+    config = build_config(build_parser().parse_args(
+        ["--train", "--train_dir", "d", "--lora_target_modules", "query, value,fc1", "--fgd_model", "none"]))
+    assert config.lora_target_modules == ("query", "value", "fc1")
+    assert config.fgd_model is None and config.model_name == "microsoft/git-base"
+    with pytest.raises(AttributeError):
+        config.lora_r = 3
