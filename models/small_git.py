@@ -1,7 +1,9 @@
-"""Build a small, randomly initialised GIT checkpoint (model, tokenizer, processor) offline from a caption vocabulary."""
+"""Build a small, randomly initialised GIT checkpoint (model, tokenizer, processor) offline from a caption vocabulary, and pretrain it."""
 
 import logging
+import math
 import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -109,14 +111,15 @@ def build_small_git(
 
 @dataclass(frozen=True)
 class PretrainSettings:
-    """Full fine-tuning (fp32) of a small GIT on captioned pictures, so it starts out describing images."""
+    """Full fine-tuning (fp32) of a fresh small GIT on captioned pictures, so it starts out describing images."""
 
-    steps: int = 1500  # optimizer steps; a from-scratch GIT needs ~1,000 (batch 16) before it looks at the image
+    steps: int = 3000  # optimizer steps; the 64 px GIT names colours after ~300, positions ~2,000, shapes later
     batch_size: int = 32
-    learning_rate: float = 1e-3  # peak, after a linear warm-up, then cosine decay to 0
+    learning_rate: float = 1e-3  # peak, after a linear warm-up, then cosine decay to 0 (2e-3 was worse)
     warmup_steps: int = 100
     weight_decay: float = 0.01
     max_length: int = 16  # caption tokens, [CLS] and [SEP] included
+    sincos_positions: bool = True  # start the vision tower from 2-D sine-cosine positions (for a fresh model)
     seed: int = 0
 
 
@@ -141,34 +144,24 @@ def encode_examples(processor, examples: list, max_length: int, chunk: int = 256
 
 
 def _lr_factor(step: int, settings: PretrainSettings) -> float:
-    import math
-
+    """Linear warm-up, then cosine decay to 0 at the last step."""
     if step < settings.warmup_steps:
         return (step + 1) / settings.warmup_steps
     progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def pretrain_small_git(folder: Path, examples: list, settings: PretrainSettings = PretrainSettings()) -> dict:
-    """Train every weight of the GIT checkpoint in folder on (PIL image, caption) pairs; saves it back in place.
-
-    A plain fp32 loop rather than the Trainer: the whole set is encoded once and sits in memory,
-    which keeps a step of this tiny model at tens of milliseconds. Returns the loss at start and end.
-    """
+def _fit(model, data: dict[str, torch.Tensor], settings: PretrainSettings) -> list[float]:
+    """AdamW steps on random batches of the encoded set; returns the loss of every step."""
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoProcessor
 
-    folder = Path(folder)
-    processor = AutoProcessor.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
-    data = encode_examples(processor, examples, settings.max_length)
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, settings))
-    losses = []
+    size, losses = len(data["input_ids"]), []
     with tqdm(range(settings.steps), desc="Pretraining base GIT", unit="step") as bar:
         for step in bar:
-            index = torch.randint(len(examples), (settings.batch_size,), generator=generator)
+            index = torch.randint(size, (settings.batch_size,), generator=generator)
             loss = model(**{key: value[index] for key, value in data.items()}).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -178,8 +171,58 @@ def pretrain_small_git(folder: Path, examples: list, settings: PretrainSettings 
             losses.append(loss.item())
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
+    return losses
+
+
+def pretrain_small_git(folder: Path, examples: list, settings: PretrainSettings = PretrainSettings()) -> dict:
+    """Train every weight of the GIT checkpoint in folder on (PIL image, caption) pairs; saves it back in place.
+
+    A plain fp32 loop rather than the Trainer: the whole set is encoded once and sits in memory,
+    which keeps a step of this small model at about 30 ms on two CPU cores. Returns the losses at start and end.
+    """
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    folder = Path(folder)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).train()
+    if settings.sincos_positions:
+        init_vision_positions(model)
+    data = {key: value.to(device) for key, value in encode_examples(processor, examples, settings.max_length).items()}
+    start = time.perf_counter()
+    losses = _fit(model, data, settings)
     model.eval().save_pretrained(folder, safe_serialization=True)
-    first, last = losses[: min(50, len(losses))], losses[-min(50, len(losses)) :]
-    stats = {"steps": settings.steps, "examples": len(examples), "first_loss": sum(first) / len(first), "final_loss": sum(last) / len(last)}
-    logger.info("Pretrained %s: loss %.3f -> %.3f over %d steps", folder, stats["first_loss"], stats["final_loss"], settings.steps)
+    window = min(50, len(losses))
+    stats = {
+        "steps": settings.steps, "examples": len(examples), "seconds": round(time.perf_counter() - start, 2),
+        "first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window,
+    }
+    logger.info("Pretrained %s on %d pictures: loss %.3f -> %.3f in %d steps (%.0f s)", folder, len(examples),
+                stats["first_loss"], stats["final_loss"], settings.steps, stats["seconds"])
     return stats
+
+
+def sincos_position_table(grid: int, dim: int) -> torch.Tensor:
+    """2-D sine-cosine position codes (as in MAE) for a grid x grid of patches, one row per patch, row-major."""
+    if dim % 4:
+        raise ValueError(f"the embedding width must be a multiple of 4 for 2-D sine-cosine codes; got {dim}")
+    frequencies = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    parts = []
+    for coordinate in (ys.flatten(), xs.flatten()):
+        angles = coordinate[:, None] * frequencies[None, :]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+def init_vision_positions(model) -> None:
+    """Give the vision tower 2-D sine-cosine patch positions in place of its 0.02-scale random ones.
+
+    The random ones are ~40x weaker than the patch contents, so a from-scratch GIT takes thousands of
+    steps to learn where things are; with these it knows from the first step. They stay trainable.
+    """
+    embeddings = model.git.image_encoder.vision_model.embeddings
+    grid = embeddings.image_size // embeddings.patch_size
+    with torch.no_grad():
+        embeddings.position_embedding.weight[0].zero_()  # the class token has no place
+        embeddings.position_embedding.weight[1:] = sincos_position_table(grid, embeddings.embed_dim)

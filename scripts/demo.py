@@ -1,0 +1,271 @@
+"""--demo: generate a captioned dataset, get a base GIT, then run --eval, --train, --eval, --inference, --merge_weights on it."""
+
+import csv
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+if "torch" not in sys.modules:  # only takes effect before torch (and its OpenMP runtime) loads
+    # OpenMP threads spin ~300,000 times before sleeping. On 2 cores shared with one other busy process
+    # that made each pretraining step ~100x slower (3.5 s instead of 30 ms); a short spin costs ~10% alone.
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+from models.small_git import PretrainSettings, SmallGitSize, build_small_git, pretrain_small_git
+from utils import demo_data
+from utils.config import Config, validate
+from utils.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+# What a demo folder holds; a rerun replaces these and nothing else.
+DEMO_ENTRIES = ("data", "base_model", "eval_before", "run", "demo_report.json")
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes and steps of the demo at full scale; `scaled` shrinks the counts for a quick check."""
+
+    train_images: int = 300  # user-style training pictures (3 captions each), 5 per scene
+    test_images: int = 60  # held-out pictures: each of the 60 scenes once
+    image_size: int = 64  # pixels, as the small GIT sees them
+    pretrain_images: int = 10000  # base-style pictures, in memory, for pretraining the small GIT
+    pretrain: PretrainSettings = field(default_factory=PretrainSettings)  # 3,000 steps of batch 32 at 1e-3
+    train_steps: int = 600  # QLoRA optimizer steps (~10 passes); 300 left BLEU-4 ~0.07 lower
+    batch_size: int = 16
+    learning_rate: float = 2e-3  # LoRA on the small model: 1e-3 needed ~1,000 steps for the same result
+    hub_learning_rate: float = 5e-4  # with --model_name (git-base-sized); not tuned, the hub is offline here
+    lora_r: int = 16
+    lora_alpha: int = 32
+    # LoRA stays on the text decoder (the CLI's default targets): adding the vision tower's layers gained
+    # ~0.03 BLEU-4 for 40% more training time; the decoder reads the image tokens through these layers too.
+    max_new_tokens: int = 16  # the longest demo caption is 11 tokens
+
+    def scaled(self, scale: float) -> "DemoPlan":
+        def shrink(n: int, least: int) -> int:
+            return max(least, round(n * scale))
+
+        pretrain = PretrainSettings(**{**asdict(self.pretrain), "steps": shrink(self.pretrain.steps, 20),
+                                       "warmup_steps": shrink(self.pretrain.warmup_steps, 2)})
+        return DemoPlan(
+            train_images=shrink(self.train_images, 8), test_images=shrink(self.test_images, 4),
+            image_size=self.image_size, pretrain_images=shrink(self.pretrain_images, 32), pretrain=pretrain,
+            train_steps=shrink(self.train_steps, 4), batch_size=self.batch_size, learning_rate=self.learning_rate,
+            hub_learning_rate=self.hub_learning_rate, lora_r=self.lora_r, lora_alpha=self.lora_alpha, max_new_tokens=self.max_new_tokens,
+        )
+
+
+class StageTimer:
+    """Seconds per named stage, logged as each one ends."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, description: str):
+        logger.info("=== Demo stage %d: %s ===", len(self.seconds) + 1, description)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        logger.info("=== %s done in %.1f s ===", name, self.seconds[name])
+
+
+def prepare_demo_dir(output_dir: Path) -> None:
+    """Reuse a previous demo's folder (its entries are replaced); never touch a folder holding anything else."""
+    output_dir = Path(output_dir)
+    if output_dir.is_dir():
+        foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in DEMO_ENTRIES)
+        if foreign:
+            raise UserInputError(
+                f"--output_dir {output_dir} already holds files the demo did not write ({', '.join(foreign[:5])}). "
+                "Give an empty or new folder, or the folder of an earlier demo."
+            )
+        for name in DEMO_ENTRIES:
+            path = output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def demo_fgd_model(config: Config) -> str | None:
+    """The FGD encoder: offline only a local folder can load, so the default hub encoder is skipped."""
+    if config.fgd_model is None or config.model_name is not None or Path(config.fgd_model).is_dir():
+        return config.fgd_model
+    logger.info("FGD is skipped in the offline demo: %s is not a local folder (give --fgd_model DIR to include it).", config.fgd_model)
+    return None
+
+
+def build_base_model(folder: Path, plan: DemoPlan, seed: int) -> dict:
+    """A small GIT with a tokenizer over the demo's words, pretrained on base-style captions of fresh pictures."""
+    size = SmallGitSize(image_size=plan.image_size)
+    build_small_git(folder, demo_data.every_caption(), size, seed=seed)
+    # A seed apart from the dataset's, so pretraining never sees the demo's test pictures.
+    examples = demo_data.generate_base_examples(plan.pretrain_images, seed=seed + 1_000_003, size=plan.image_size)
+    settings = PretrainSettings(**{**asdict(plan.pretrain), "seed": seed})
+    return pretrain_small_git(folder, examples, settings)
+
+
+def log_hub_model_choice(model_name: str) -> None:
+    from models.git_qlora import resolve_device
+
+    logger.info("Using --model_name %s as the base model; no pretraining.", model_name)
+    if resolve_device() == "cpu":
+        logger.warning("A git-base-sized model trains at ~18 s per step of 4 images on two CPU cores; "
+                       "on a CPU the demo is meant for its own small model (leave out --model_name).")
+
+
+def mode_config(config: Config, **values) -> Config:
+    """A Config for one real mode, as the command line would build it, carrying the demo's shared settings."""
+    # Worker processes cost more to start than decoding a few hundred 64 px PNGs takes.
+    shared = {"seed": config.seed, "fgd_model": config.fgd_model, "num_workers": 0,
+              "bnb_4bit_compute_dtype": config.bnb_4bit_compute_dtype}
+    return validate(Config(**{**shared, **values}))
+
+
+def run_mode_or_fail(function, config: Config) -> None:
+    code = function(config)
+    if code != 0:
+        raise RuntimeError(f"The demo's --{config.mode} step failed with exit code {code}; see the log above.")
+
+
+def read_predictions(path: Path) -> dict[str, str]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return {row["image_name"]: row["caption"] for row in csv.DictReader(handle)}
+
+
+def read_metrics(path: Path) -> dict:
+    results = json.loads(Path(path).read_text(encoding="utf-8"))
+    metrics = results.get("metrics", results)
+    return {key: value for key, value in metrics.items() if key != "settings"}
+
+
+def distinct_captions(predictions: dict[str, str]) -> int:
+    return len({" ".join(caption.lower().split()) for caption in predictions.values()})
+
+
+def sample_captions(before: dict[str, str], after: dict[str, str], captions_file: Path, count: int = 6) -> list[dict]:
+    from utils.dataset_utils import read_captions_file
+
+    references = read_captions_file(captions_file)
+    names = sorted(set(before) & set(after))
+    step = max(1, len(names) // count)  # spread over the test set rather than the first few files
+    return [{"image": name, "before": before[name], "after": after[name], "references": references.get(name, [])}
+            for name in names[::step][:count]]
+
+
+# The bar the full-scale demo must clear on its held-out test pictures.
+TARGETS = {"bleu_4_after": 0.5, "cider_gain": 1.0, "distinct_captions_after": 5}
+
+
+def check_targets(before: dict, after: dict, distinct_after: int) -> dict:
+    values = {"bleu_4_after": after.get("bleu_4") or 0.0,
+              "cider_gain": (after.get("cider") or 0.0) - (before.get("cider") or 0.0),
+              "distinct_captions_after": distinct_after}
+    return {name: {"value": values[name], "target": bar, "met": values[name] >= bar} for name, bar in TARGETS.items()}
+
+
+def build_report(out: Path, plan: DemoPlan, base: str, pretraining: dict | None, seconds: dict) -> dict:
+    run = out / "run"
+    before, after = read_metrics(out / "eval_before" / "eval_results.json"), read_metrics(run / "eval_results.json")
+    before_caps = read_predictions(out / "eval_before" / "eval_predictions.csv")
+    after_caps = read_predictions(run / "eval_predictions.csv")
+    distinct = {"before": distinct_captions(before_caps), "after": distinct_captions(after_caps), "test_images": len(after_caps)}
+    merge = json.loads((run / "merge_report.json").read_text(encoding="utf-8"))
+    return {
+        "before": before,
+        "after": after,
+        "seconds": {**seconds, "total": round(sum(seconds.values()), 2)},
+        "samples": sample_captions(before_caps, after_caps, out / "data" / "captions.csv"),
+        "distinct_captions": distinct,
+        "targets": check_targets(before, after, distinct["after"]),  # set for the full scale
+        "base_model": base,
+        "pretraining": pretraining,
+        "merge": {k: merge.get(k) for k in ("merge_base", "caption_agreement", "max_abs_logit_diff", "images")},
+        "plan": asdict(plan),
+        "paths": {"data": str(out / "data"), "base_model": str(out / "base_model") if pretraining else None,
+                  "run": str(run), "merged_model": str(run / "merged_model"), "captions": str(run / "captions.csv")},
+    }
+
+
+def format_report(report: dict) -> str:
+    from utils.evaluation import format_metrics_table
+
+    lines = ["", "Demo: base model before vs after QLoRA fine-tuning, on the held-out test pictures",
+             format_metrics_table(report["before"], report["after"]), "",
+             "distinct captions: {before} before, {after} after, of {test_images} pictures".format(**report["distinct_captions"]), "",
+             "seconds per stage:"]
+    lines += [f"  {name:<12} {seconds:8.1f}" for name, seconds in report["seconds"].items()]
+    lines += ["", "samples (before -> after | a reference):"]
+    lines += [f"  {s['image']}: {s['before']!r} -> {s['after']!r} | {s['references'][:1]}" for s in report["samples"]]
+    return "\n".join(lines)
+
+
+def prepare_inputs(config: Config, plan: DemoPlan, out: Path, timer: StageTimer) -> tuple[str, dict | None]:
+    """Stages 1-2: the user-style dataset, then the base model (built and pretrained, or --model_name)."""
+    data = out / "data"
+    with timer.stage("data", f"{plan.train_images} training and {plan.test_images} test pictures in {data}"):
+        demo_data.write_demo_dataset(data, plan.train_images, plan.test_images, seed=config.seed, size=plan.image_size)
+    with timer.stage("base_model", "base model"):
+        if config.model_name is not None:
+            log_hub_model_choice(config.model_name)
+            return config.model_name, None
+        return str(out / "base_model"), build_base_model(out / "base_model", plan, config.seed)
+
+
+def run_modes(config: Config, plan: DemoPlan, out: Path, base: str, timer: StageTimer) -> None:
+    """Stages 3-7, each through the function its command-line flag calls."""
+    from scripts.inference import merge_weights, run_inference
+    from scripts.trainer import train
+    from utils.evaluation import run_evaluation
+
+    data, run = out / "data", out / "run"
+    test = {"test_dir": data / "test", "captions_file": data / "captions.csv", "max_new_tokens": plan.max_new_tokens,
+            "batch_size": 32}
+    # "Before" is the 4-bit base: the very model the adapter is trained on and added to.
+    with timer.stage("eval_before", f"--eval of the base model {base}"):
+        run_mode_or_fail(run_evaluation, mode_config(config, mode="eval", model_name=base, output_dir=out / "eval_before", **test))
+    learning_rate = plan.hub_learning_rate if config.model_name else plan.learning_rate
+    train_config = mode_config(
+        config, mode="train", train_dir=data / "train", model_name=base, output_dir=out, run_name=run.name,
+        quantization_bits=4, lora_r=plan.lora_r, lora_alpha=plan.lora_alpha, max_steps=plan.train_steps,
+        eval_steps=plan.train_steps, learning_rate=learning_rate, logging_steps=max(1, plan.train_steps // 10),
+        save_total_limit=1, **{**test, "batch_size": plan.batch_size},
+    )
+    with timer.stage("train", f"--train: QLoRA on a 4-bit NF4 base, {plan.train_steps} steps"):
+        run_mode_or_fail(train, train_config)
+    with timer.stage("eval_after", f"--eval of the run {run}"):
+        run_mode_or_fail(run_evaluation, mode_config(config, mode="eval", output_dir=run, **test))
+    with timer.stage("inference", f"--inference on {data / 'test'}"):
+        run_mode_or_fail(run_inference, mode_config(config, mode="inference", output_dir=run, **test))
+    with timer.stage("merge", "--merge_weights"):
+        run_mode_or_fail(merge_weights, mode_config(config, mode="merge_weights", output_dir=run))
+
+
+def run_demo(config: Config, plan: DemoPlan | None = None) -> int:
+    """--demo: dataset, base model, then --eval, --train, --eval, --inference, --merge_weights; OUTPUT_DIR/demo_report.json."""
+    from utils.evaluation import write_json_atomic
+
+    plan = (plan or DemoPlan()).scaled(config.demo_scale)
+    config = config.replace(fgd_model=demo_fgd_model(config))
+    out, timer = Path(config.output_dir), StageTimer()
+    logger.info("Demo in %s (scale %g, seed %d): %s", out.resolve(), config.demo_scale, config.seed, json.dumps(asdict(plan)))
+    prepare_demo_dir(out)
+    base, pretraining = prepare_inputs(config, plan, out, timer)
+    run_modes(config, plan, out, base, timer)
+    report = build_report(out, plan, base, pretraining, timer.seconds)
+    report.update(demo_scale=config.demo_scale, seed=config.seed,
+                  targets_apply=config.demo_scale == 1.0 and config.model_name is None)
+    write_json_atomic(out / "demo_report.json", report)
+    print(format_report(report), flush=True)
+    missed = [name for name, target in report["targets"].items() if not target["met"]]
+    if missed and report["targets_apply"]:
+        logger.warning("The demo missed its targets: %s (see demo_report.json)", ", ".join(missed))
+    logger.info("Wrote %s", out / "demo_report.json")
+    return 0
