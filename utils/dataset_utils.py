@@ -239,15 +239,16 @@ def load_captions(folder: Path, captions_file: Path | None) -> dict[str, list[st
 # ---------------------------------------------------------------------------
 
 
-def _format_names(names: list[str]) -> str:
+def format_names(names: list[str]) -> str:
     shown = ", ".join(names[:MAX_NAMES_IN_WARNING])
     more = len(names) - MAX_NAMES_IN_WARNING
     return f"{shown} and {more} more" if more > 0 else shown
 
 
-def _warn_names(message: str, names: list[str]) -> None:
+def warn_names(message: str, names: list[str], log: logging.Logger = logger) -> None:
+    """One warning naming up to MAX_NAMES_IN_WARNING of the problem files, with the total count."""
     if names:
-        logger.warning("%s (%d): %s", message, len(names), _format_names(names))
+        log.warning("%s (%d): %s", message, len(names), format_names(names))
 
 
 def _is_outside(name: str) -> bool:
@@ -303,9 +304,9 @@ def _match_captions(
             missing.append(name)
     if elsewhere:
         logger.info("%d caption names refer to images beside %s (e.g. %s); not used here.", len(elsewhere), folder, elsewhere[0])
-    _warn_names("Skipped caption names that point outside the folder", outside)
-    _warn_names(f"Skipped caption names that are not in {folder}", missing)
-    _warn_names(
+    warn_names("Skipped caption names that point outside the folder", outside)
+    warn_names(f"Skipped caption names that are not in {folder}", missing)
+    warn_names(
         f"Skipped caption names whose files are not images ({', '.join(IMAGE_EXTENSIONS)})", unsupported
     )
     return matched
@@ -316,8 +317,8 @@ def _no_match_error(
 ) -> UserInputError:
     return UserInputError(
         f"None of the {len(captions)} image names in {source} matches an image in {flag} {folder}. "
-        f"Names in the captions: {_format_names(list(captions)[:5])}. "
-        f"Images found: {_format_names(images[:5])}. Names must be paths relative to the folder "
+        f"Names in the captions: {format_names(list(captions)[:5])}. "
+        f"Images found: {format_names(images[:5])}. Names must be paths relative to the folder "
         "(for example `sub/a.jpg`); check for a missing or extra path prefix."
     )
 
@@ -331,13 +332,13 @@ def _file_size(path: Path) -> int:
 
 def _drop_empty_files(folder: Path, names: list[str]) -> list[str]:
     empty = {n for n in names if _file_size(folder / n) == 0}
-    _warn_names("Skipped empty (zero-byte) or unreadable image files", sorted(empty))
+    warn_names("Skipped empty (zero-byte) or unreadable image files", sorted(empty))
     return [n for n in names if n not in empty]
 
 
 def _captions_from_filenames(images: list[str]) -> dict[str, list[str]]:
     captions = {name: caption_from_filename(name) for name in images}
-    _warn_names(
+    warn_names(
         "Skipped images whose file name gives no caption", [n for n, c in captions.items() if not c]
     )
     return {name: [c] for name, c in captions.items() if c}
@@ -358,7 +359,7 @@ def collect_examples(
         by_image = _match_captions(captions, images, folder)
         if not by_image:
             raise _no_match_error(captions, images, source, flag, folder)
-        _warn_names("Skipped images that have no caption", [n for n in images if n not in by_image])
+        warn_names("Skipped images that have no caption", [n for n in images if n not in by_image])
     kept = _drop_empty_files(folder, [n for n in images if n in by_image])
     if not kept:
         raise UserInputError(

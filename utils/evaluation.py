@@ -24,6 +24,7 @@ from rouge_score import rouge_scorer
 from scipy import linalg
 from tqdm.auto import tqdm
 
+from utils.dataset_utils import collect_examples, format_names, read_captions_file, read_text, warn_names
 from utils.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,6 @@ METRIC_KEYS = (
     "bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "rouge_1", "rouge_2", "fgd",
     "num_images", "num_references",
 )
-MAX_NAMES_IN_WARNING = 10
 # Imaginary parts of sqrtm(S1 S2) below this are rounding noise (pytorch-fid uses the same bound).
 MAX_IMAGINARY = 1e-3
 
@@ -52,15 +52,11 @@ def normalize_caption(text: str) -> str:
 
 
 def _format_names(names) -> str:
-    names = sorted(names)
-    shown = ", ".join(names[:MAX_NAMES_IN_WARNING])
-    more = len(names) - MAX_NAMES_IN_WARNING
-    return f"{shown} and {more} more" if more > 0 else shown
+    return format_names(sorted(names))
 
 
 def _warn_names(message: str, names) -> None:
-    if names:
-        logger.warning("%s (%d): %s", message, len(names), _format_names(names))
+    warn_names(message, sorted(names), logger)
 
 
 def match_predictions(
@@ -71,8 +67,8 @@ def match_predictions(
     if not matched:
         raise UserInputError(
             f"No image name in --predictions_file ({len(predictions)} images, e.g. "
-            f"{_format_names(list(predictions)[:3]) or 'none'}) is also in --captions_file "
-            f"({len(references)} images, e.g. {_format_names(list(references)[:3]) or 'none'}), "
+            f"{_format_names(sorted(predictions)[:3]) or 'none'}) is also in --captions_file "
+            f"({len(references)} images, e.g. {_format_names(sorted(references)[:3]) or 'none'}), "
             "so there is nothing to score. Check that both files name the images the same way "
             "(same folder prefix and file extension) and that they belong to the same image set."
         )
@@ -432,13 +428,9 @@ def read_predictions_file(path: Path) -> dict[str, str]:
             f"--predictions_file {path} does not exist or is not a file. Give the CSV written by "
             "the inference mode (predictions.csv in its output folder), or any `image_name,caption` CSV."
         )
-    from utils.dataset_utils import read_text
-
     rows = list(csv.reader(io.StringIO(read_text(path), newline="")))
     header = [cell.strip().lower() for cell in rows[0][:2]] if rows else []
     if header != ["image_name", "caption"]:
-        from utils.dataset_utils import read_captions_file
-
         return {name: captions[0] for name, captions in read_captions_file(path).items()}
     # Our own files: column 2 is the prediction; later columns are references, not part of it.
     predictions: dict[str, str] = {}
@@ -472,8 +464,6 @@ def align_names(predictions: dict[str, str], references: dict[str, list[str]]) -
 def _names_as_listed(names: list[str], captions_file: Path | None, folder: Path) -> dict[str, str]:
     """Folder-relative image names -> the names the captions file uses ("a.jpg" or "test/a.jpg"),
     so eval_predictions.csv can be rescored against that file unambiguously."""
-    from utils.dataset_utils import read_captions_file
-
     listed = set(read_captions_file(captions_file)) if captions_file else set()
     prefixed = {name: f"{folder.name}/{name}" for name in names}
     return {name: prefixed[name] if name not in listed and prefixed[name] in listed else name for name in names}
@@ -482,8 +472,6 @@ def _names_as_listed(names: list[str], captions_file: Path | None, folder: Path)
 def _caption_run_images(config) -> tuple[dict[str, str], dict[str, list[str]], dict]:
     """Caption --test_dir with the run's (or --model_name's) model; references from --captions_file."""
     from scripts.inference import caption_folder, load_caption_model
-    from utils.dataset_utils import collect_examples
-
     examples = collect_examples(Path(config.test_dir), config.captions_file, flag="--test_dir")
     references: dict[str, list[str]] = {}
     for example in examples:
@@ -507,8 +495,6 @@ def _caption_run_images(config) -> tuple[dict[str, str], dict[str, list[str]], d
 def run_evaluation(config) -> int:
     """--eval: score a run's (or a base model's) captions of --test_dir, or an existing --predictions_file."""
     from models.git_qlora import resolve_device
-    from utils.dataset_utils import read_captions_file
-
     if config.predictions_file is not None:
         references = read_captions_file(config.captions_file)
         predictions = align_names(read_predictions_file(config.predictions_file), references)
