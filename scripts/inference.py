@@ -13,7 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from models.git_qlora import DTYPES, load_adapter_model, load_base_model, load_processor, resolve_base_dtype, resolve_device
-from utils.config import Config, apply_run_settings, load_run_config
+from utils.config import Config, apply_run_settings, find_runs, load_run_config
 from utils.dataset_utils import list_images, load_image
 from utils.errors import UserInputError
 from utils.evaluation import write_json_atomic, write_predictions_csv
@@ -98,12 +98,6 @@ def caption_folder(
     return result
 
 
-def find_runs(folder: Path) -> list[Path]:
-    """Run folders directly under folder, newest first."""
-    runs = [p.parent for p in Path(folder).glob("*/run_config.json")]
-    return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
-
-
 def require_run(run_dir: Path) -> dict:
     """The run's saved settings; a folder of runs or a non-run gets an error saying what to pass."""
     run_dir = Path(run_dir)
@@ -151,10 +145,6 @@ def caption_one_image(config: Config, model, processor) -> int:
     return 0
 
 
-def write_captions_csv(path: Path, captions: dict[str, str]) -> None:
-    write_predictions_csv(Path(path), dict(sorted(captions.items())))
-
-
 def caption_directory(config: Config, model, processor) -> int:
     names = list_images(Path(config.test_dir), "--test_dir")
     result = caption_folder(
@@ -164,7 +154,7 @@ def caption_directory(config: Config, model, processor) -> int:
     if not result.captions:
         raise UserInputError(f"--test_dir {config.test_dir}: none of the {len(names)} images could be read; see the warnings.")
     target = config.predictions_file or Path(config.output_dir) / "captions.csv"
-    write_captions_csv(target, result.captions)
+    write_predictions_csv(Path(target), result.captions)  # rows sorted by image name
     for name, reason in sorted(result.skipped.items()):
         logger.warning("Skipped %s: %s", name, reason)
     logger.info(

@@ -16,7 +16,7 @@ from transformers.integrations import TensorBoardCallback
 from models.git_qlora import (
     describe_precision, load_base_model, load_processor, prepare_for_training, resolve_compute_dtype, resolve_device,
 )
-from utils.config import Config, apply_run_settings, load_run_config
+from utils.config import Config, apply_run_settings, find_runs, load_run_config
 from utils.dataset_utils import CaptionCollator, CaptionDataset, Example, collect_examples, split_by_image
 from utils.errors import UserInputError
 from utils.evaluation import write_json_atomic
@@ -41,17 +41,13 @@ def library_versions() -> dict:
             "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__}
 
 
-def newest_run(output_dir: Path) -> Path | None:
-    runs = [p for p in Path(output_dir).glob("*/run_config.json")]
-    return max(runs, key=lambda p: p.stat().st_mtime).parent if runs else None
-
-
 def prepare_run_dir(config: Config) -> tuple[Config, Path]:
     """Pick the run folder; never reuse one silently. --resume takes the model settings the run saved."""
     if config.resume and config.run_name is None:
-        run_dir = newest_run(config.output_dir)
-        if run_dir is None:
+        runs = find_runs(config.output_dir)
+        if not runs:
             raise UserInputError(f"--resume found no run under --output_dir {config.output_dir}; give --run_name.")
+        run_dir = runs[0]
     else:
         run_name = config.run_name or datetime.now().strftime("run-%Y%m%d-%H%M%S")
         run_dir = Path(config.output_dir) / run_name

@@ -161,6 +161,12 @@ def validate(config: Config) -> Config:
     return config
 
 
+def find_runs(folder: Path) -> list[Path]:
+    """Run folders (holding run_config.json) directly under folder, newest first."""
+    runs = [p.parent for p in Path(folder).glob("*/run_config.json")]
+    return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
 def load_run_config(run_dir: Path) -> dict:
     """The settings a training run saved; the error names --train, which writes them."""
     path = Path(run_dir) / "run_config.json"
