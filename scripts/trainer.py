@@ -295,5 +295,5 @@ def merge_previous_metrics(run_dir: Path, metrics: dict) -> dict:
             if "before" in previous:
                 metrics["before"] = previous["before"]
         except ValueError:
-            pass
+            logger.warning("%s is not valid JSON; the metrics from before training are lost.", path)
     return metrics
