@@ -7,8 +7,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from utils.config import DEFAULT_TARGET_MODULES, Config, validate
-from utils.errors import UserInputError
+# Before torch loads: OpenMP threads that spin while waiting make every op ~100x slower when another
+# process shares the cores (seen on 2-core machines); a short spin keeps idle speed.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+from utils.config import DEFAULT_TARGET_MODULES, Config, validate  # noqa: E402
+from utils.errors import UserInputError  # noqa: E402
 
 logger = logging.getLogger("git_qlora")
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")  # see git_qlora_main.py: shared cores, spinning threads
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub fails fast instead of hanging
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
