@@ -1,6 +1,5 @@
 """--demo: generate a captioned dataset, get a base GIT, then run --eval, --train, --eval, --inference, --merge_weights on it."""
 
-import csv
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from models.small_git import PretrainSettings, SmallGitSize, build_small_git, pr
 from utils import demo_data
 from utils.config import Config, validate
 from utils.errors import UserInputError
+from utils.evaluation import read_predictions_file
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +135,6 @@ def run_mode_or_fail(function, config: Config) -> None:
         raise RuntimeError(f"The demo's --{config.mode} step failed with exit code {code}; see the log above.")
 
 
-def read_predictions(path: Path) -> dict[str, str]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        return {row["image_name"]: row["caption"] for row in csv.DictReader(handle)}
-
-
 def read_metrics(path: Path) -> dict:
     results = json.loads(Path(path).read_text(encoding="utf-8"))
     metrics = results.get("metrics", results)
@@ -174,8 +169,8 @@ def check_targets(before: dict, after: dict, distinct_after: int) -> dict:
 def build_report(out: Path, plan: DemoPlan, base: str, pretraining: dict | None, seconds: dict) -> dict:
     run = out / "run"
     before, after = read_metrics(out / "eval_before" / "eval_results.json"), read_metrics(run / "eval_results.json")
-    before_caps = read_predictions(out / "eval_before" / "eval_predictions.csv")
-    after_caps = read_predictions(run / "eval_predictions.csv")
+    before_caps = read_predictions_file(out / "eval_before" / "eval_predictions.csv")
+    after_caps = read_predictions_file(run / "eval_predictions.csv")
     distinct = {"before": distinct_captions(before_caps), "after": distinct_captions(after_caps), "test_images": len(after_caps)}
     merge = json.loads((run / "merge_report.json").read_text(encoding="utf-8"))
     return {

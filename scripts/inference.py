@@ -2,6 +2,7 @@
 
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,8 +77,6 @@ def caption_folder(
     num_beams: int = 1, num_workers: int = 0, progress: bool = True,
 ) -> CaptionResult:
     """Caption the named images under folder in batches; memory stays flat however many there are."""
-    import time
-
     result = CaptionResult()
     loader = DataLoader(
         _ImageFiles(folder, names), batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_lists
@@ -249,19 +248,19 @@ def merge_weights(config: Config) -> int:
     processor = load_processor(str(adapter_dir))
     dtype = resolve_merge_dtype(config, device)
     logger.info("Merging %s into the %s base of %s, saving as %s", adapter_dir, config.merge_base, config.model_name, dtype)
-    merged = build_merged_model(config, adapter_dir, device)
+    merged = build_merged_model(config, adapter_dir, device).to(dtype)
     report = {"merge_base": config.merge_base, "merge_dtype": str(dtype).replace("torch.", ""), "base_model": config.model_name}
     folder, names = sample_images(config, run_settings)
     images = [img for img in (load_image(folder / n)[0] for n in names) if img is not None]
     if images:
         adapter_model = load_adapter_model(config, adapter_dir, device)
-        report.update(compare_models(adapter_model, merged.to(dtype), processor, images))
+        report.update(compare_models(adapter_model, merged, processor, images))
         del adapter_model
         logger.info("Merge fidelity on %d images: captions agree %.0f%%, max |logit diff| %.4g",
                     report["images"], 100 * report["caption_agreement"], report["max_abs_logit_diff"])
     tmp = run_dir / ".merged_model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.to(dtype).save_pretrained(str(tmp), safe_serialization=True)
+    merged.save_pretrained(str(tmp), safe_serialization=True)
     processor.save_pretrained(str(tmp))
     replace_folder_atomically(tmp, run_dir / "merged_model")
     write_json_atomic(run_dir / "merge_report.json", report)
