@@ -128,7 +128,7 @@ def run_mode(config: Config) -> int:
 
         return merge_weights(config)
     if config.mode == "eval":
-        from utils.evaluation import run_evaluation
+        from scripts.evaluate import run_evaluation
 
         return run_evaluation(config)
     from scripts.demo import run_demo

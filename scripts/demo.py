@@ -19,7 +19,7 @@ from models.small_git import PretrainSettings, SmallGitSize, build_small_git, pr
 from utils import demo_data
 from utils.config import Config, validate
 from utils.errors import UserInputError
-from utils.evaluation import read_predictions_file
+from utils.io import read_predictions_file
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def run_modes(config: Config, plan: DemoPlan, out: Path, base: str, timer: Stage
     """Stages 3-7, each through the function its command-line flag calls."""
     from scripts.inference import merge_weights, run_inference
     from scripts.trainer import train
-    from utils.evaluation import run_evaluation
+    from scripts.evaluate import run_evaluation
 
     data, run = out / "data", out / "run"
     test = {"test_dir": data / "test", "captions_file": data / "captions.csv", "max_new_tokens": plan.max_new_tokens,
@@ -245,7 +245,7 @@ def run_modes(config: Config, plan: DemoPlan, out: Path, base: str, timer: Stage
 
 def run_demo(config: Config, plan: DemoPlan | None = None) -> int:
     """--demo: dataset, base model, then --eval, --train, --eval, --inference, --merge_weights; OUTPUT_DIR/demo_report.json."""
-    from utils.evaluation import write_json_atomic
+    from utils.io import write_json_atomic
 
     plan = (plan or DemoPlan()).scaled(config.demo_scale)
     config = config.replace(fgd_model=demo_fgd_model(config))

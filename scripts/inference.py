@@ -17,7 +17,7 @@ from models.git_qlora import DTYPES, load_adapter_model, load_base_model, load_p
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
 from utils.dataset_utils import list_images, load_image
 from utils.errors import UserInputError
-from utils.evaluation import write_json_atomic, write_predictions_csv
+from utils.io import replace_folder_atomically, write_json_atomic, write_predictions_csv
 
 logger = logging.getLogger(__name__)
 
@@ -228,15 +228,6 @@ def compare_models(reference, candidate, processor, images: list) -> dict:
         "max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
         "samples": [{"adapter": a, "merged": b} for a, b in zip(ref_caps, new_caps)],
     }
-
-
-def replace_folder_atomically(tmp: Path, final: Path) -> None:
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def merge_weights(config: Config) -> int:

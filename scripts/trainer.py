@@ -19,7 +19,7 @@ from models.git_qlora import (
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
 from utils.dataset_utils import CaptionCollator, CaptionDataset, Example, collect_examples, split_by_image
 from utils.errors import UserInputError
-from utils.evaluation import write_json_atomic
+from utils.io import replace_folder_atomically, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -178,14 +178,11 @@ def peak_memory_mb(device: str) -> float:
 
 def save_final_model(model, processor, run_dir: Path) -> Path:
     """Adapter + processor into RUN/final_model, written to a temporary folder first and renamed."""
-    final, tmp, old = run_dir / "final_model", run_dir / ".final_model.tmp", run_dir / ".final_model.old"
+    final, tmp = run_dir / "final_model", run_dir / ".final_model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     processor.save_pretrained(str(tmp))
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder_atomically(tmp, final)
     return final
 
 

@@ -26,11 +26,9 @@ from utils.evaluation import (
     load_text_encoder,
     match_predictions,
     normalize_caption,
-    read_predictions_file,
     score_captions,
-    write_json_atomic,
-    write_predictions_csv,
 )
+from utils.io import read_predictions_file, write_json_atomic, write_predictions_csv
 
 # Punctuation, mixed case, 1 to 4 references, an empty and a punctuation-only prediction,
 # non-ASCII text, a reference that is only punctuation and an image whose references all are.

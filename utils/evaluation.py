@@ -1,17 +1,12 @@
-"""Scores predicted captions against references (BLEU, ROUGE, CIDEr-D, FGD) and writes the result files."""
+"""Scores predicted captions against references: BLEU, ROUGE, CIDEr-D, FGD, and the metrics table."""
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 import logging
 import math
-import os
 import string
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -24,7 +19,7 @@ from rouge_score import rouge_scorer
 from scipy import linalg
 from tqdm.auto import tqdm
 
-from utils.dataset_utils import collect_examples, format_names, read_captions_file, read_text, warn_names
+from utils.dataset_utils import format_names, warn_names
 from utils.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -367,81 +362,6 @@ def format_metrics_table(metrics: dict, other: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write text via a temporary file in the same folder, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_predictions_csv(
-    path: Path, predictions: dict[str, str], references: dict[str, list[str]] | None = None
-) -> None:
-    """CSV `image_name,caption[,reference_1,...]`, sorted by image name, written atomically."""
-    names = sorted(predictions)
-    refs = {name: list((references or {}).get(name, [])) for name in names}
-    n_refs = max((len(r) for r in refs.values()), default=0) if references is not None else 0
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["image_name", "caption"] + [f"reference_{i}" for i in range(1, n_refs + 1)])
-    for name in names:
-        writer.writerow([name, predictions[name]] + refs[name] + [""] * (n_refs - len(refs[name])))
-    _write_text_atomic(path, buffer.getvalue())
-
-
-def _replace_nonfinite(obj):
-    """Copy of obj with NaN/inf floats as None and numpy scalars/arrays as plain Python values."""
-    if isinstance(obj, (np.ndarray, np.generic)):
-        obj = obj.tolist()
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _replace_nonfinite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_replace_nonfinite(v) for v in obj]
-    return obj
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """JSON (indent 2, NaN/inf written as null) via a temporary file in the same folder."""
-    text = json.dumps(_replace_nonfinite(obj), indent=2, allow_nan=False, ensure_ascii=False, default=str)
-    _write_text_atomic(path, text + "\n")
-
-
-def read_predictions_file(path: Path) -> dict[str, str]:
-    """First caption per image from a predictions CSV (ours with reference columns, or any captions file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(
-            f"--predictions_file {path} does not exist or is not a file. Give the CSV written by "
-            "the inference mode (predictions.csv in its output folder), or any `image_name,caption` CSV."
-        )
-    rows = list(csv.reader(io.StringIO(read_text(path), newline="")))
-    header = [cell.strip().lower() for cell in rows[0][:2]] if rows else []
-    if header != ["image_name", "caption"]:
-        return {name: captions[0] for name, captions in read_captions_file(path).items()}
-    # Our own files: column 2 is the prediction; later columns are references, not part of it.
-    predictions: dict[str, str] = {}
-    for row in rows[1:]:
-        if row and row[0].strip():
-            predictions.setdefault(row[0].strip(), row[1] if len(row) > 1 else "")
-    if not predictions:
-        raise UserInputError(f"--predictions_file {path} has a header but no `image_name,caption` row.")
-    return predictions
-
-
 def align_names(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, str]:
     """Key predictions as the references are keyed.
 
@@ -459,52 +379,3 @@ def align_names(predictions: dict[str, str], references: dict[str, list[str]]) -
         key = name if name in references or len(candidates) != 1 else candidates[0]
         aligned.setdefault(key, caption)
     return aligned
-
-
-def _names_as_listed(names: list[str], captions_file: Path | None, folder: Path) -> dict[str, str]:
-    """Folder-relative image names -> the names the captions file uses ("a.jpg" or "test/a.jpg"),
-    so eval_predictions.csv can be rescored against that file unambiguously."""
-    listed = set(read_captions_file(captions_file)) if captions_file else set()
-    prefixed = {name: f"{folder.name}/{name}" for name in names}
-    return {name: prefixed[name] if name not in listed and prefixed[name] in listed else name for name in names}
-
-
-def _caption_run_images(config) -> tuple[dict[str, str], dict[str, list[str]], dict]:
-    """Caption --test_dir with the run's (or --model_name's) model; references from --captions_file."""
-    from scripts.inference import caption_folder, load_caption_model
-    examples = collect_examples(Path(config.test_dir), config.captions_file, flag="--test_dir")
-    references: dict[str, list[str]] = {}
-    for example in examples:
-        references.setdefault(example.image_name, []).append(example.caption)
-    model, processor, config, description = load_caption_model(config)
-    logger.info("Evaluating %s on %d images of %s", description, len(references), config.test_dir)
-    result = caption_folder(
-        model, processor, Path(config.test_dir), sorted(references), config.batch_size, config.max_new_tokens,
-        config.num_beams, config.num_workers,
-    )
-    listed = _names_as_listed(list(references), config.captions_file, Path(config.test_dir))
-    predictions = {listed[name]: caption for name, caption in result.captions.items()}
-    references = {listed[name]: refs for name, refs in references.items()}
-    write_predictions_csv(Path(config.output_dir) / "eval_predictions.csv", predictions, references)
-    info = {"model": description, "test_dir": str(config.test_dir), "skipped_images": result.skipped,
-            "images_per_second": result.images_per_second, "max_new_tokens": config.max_new_tokens,
-            "num_beams": config.num_beams}
-    return predictions, references, info
-
-
-def run_evaluation(config) -> int:
-    """--eval: score a run's (or a base model's) captions of --test_dir, or an existing --predictions_file."""
-    from models.git_qlora import resolve_device
-    if config.predictions_file is not None:
-        references = read_captions_file(config.captions_file)
-        predictions = align_names(read_predictions_file(config.predictions_file), references)
-        info = {"predictions_file": str(config.predictions_file)}
-    else:
-        predictions, references, info = _caption_run_images(config)
-    metrics = score_captions(predictions, references, config.fgd_model, resolve_device())
-    info["captions_file"] = str(config.captions_file) if config.captions_file else None
-    target = Path(config.output_dir) / "eval_results.json"
-    write_json_atomic(target, {**metrics, "settings": info})
-    print(format_metrics_table(metrics))
-    logger.info("Wrote %s", target)
-    return 0

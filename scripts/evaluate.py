@@ -1,0 +1,59 @@
+"""--eval: caption --test_dir with a run or base model (or read --predictions_file), score it, write the results."""
+
+import logging
+from pathlib import Path
+
+from models.git_qlora import resolve_device
+from scripts.inference import caption_folder, load_caption_model
+from utils.dataset_utils import collect_examples, read_captions_file
+from utils.evaluation import align_names, format_metrics_table, score_captions
+from utils.io import read_predictions_file, write_json_atomic, write_predictions_csv
+
+logger = logging.getLogger(__name__)
+
+
+def _names_as_listed(names: list[str], captions_file: Path | None, folder: Path) -> dict[str, str]:
+    """Folder-relative image names -> the names the captions file uses ("a.jpg" or "test/a.jpg"),
+    so eval_predictions.csv can be rescored against that file unambiguously."""
+    listed = set(read_captions_file(captions_file)) if captions_file else set()
+    prefixed = {name: f"{folder.name}/{name}" for name in names}
+    return {name: prefixed[name] if name not in listed and prefixed[name] in listed else name for name in names}
+
+
+def _caption_run_images(config) -> tuple[dict[str, str], dict[str, list[str]], dict]:
+    """Caption --test_dir with the run's (or --model_name's) model; references from --captions_file."""
+    examples = collect_examples(Path(config.test_dir), config.captions_file, flag="--test_dir")
+    references: dict[str, list[str]] = {}
+    for example in examples:
+        references.setdefault(example.image_name, []).append(example.caption)
+    model, processor, config, description = load_caption_model(config)
+    logger.info("Evaluating %s on %d images of %s", description, len(references), config.test_dir)
+    result = caption_folder(
+        model, processor, Path(config.test_dir), sorted(references), config.batch_size, config.max_new_tokens,
+        config.num_beams, config.num_workers,
+    )
+    listed = _names_as_listed(list(references), config.captions_file, Path(config.test_dir))
+    predictions = {listed[name]: caption for name, caption in result.captions.items()}
+    references = {listed[name]: refs for name, refs in references.items()}
+    write_predictions_csv(Path(config.output_dir) / "eval_predictions.csv", predictions, references)
+    info = {"model": description, "test_dir": str(config.test_dir), "skipped_images": result.skipped,
+            "images_per_second": result.images_per_second, "max_new_tokens": config.max_new_tokens,
+            "num_beams": config.num_beams}
+    return predictions, references, info
+
+
+def run_evaluation(config) -> int:
+    """--eval: score a run's (or a base model's) captions of --test_dir, or an existing --predictions_file."""
+    if config.predictions_file is not None:
+        references = read_captions_file(config.captions_file)
+        predictions = align_names(read_predictions_file(config.predictions_file), references)
+        info = {"predictions_file": str(config.predictions_file)}
+    else:
+        predictions, references, info = _caption_run_images(config)
+    metrics = score_captions(predictions, references, config.fgd_model, resolve_device())
+    info["captions_file"] = str(config.captions_file) if config.captions_file else None
+    target = Path(config.output_dir) / "eval_results.json"
+    write_json_atomic(target, {**metrics, "settings": info})
+    print(format_metrics_table(metrics))
+    logger.info("Wrote %s", target)
+    return 0

@@ -1,0 +1,103 @@
+"""Files the user keeps, written atomically (temporary name, then rename): text, JSON, caption CSVs, folders."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from utils.dataset_utils import read_captions_file, read_text
+from utils.errors import UserInputError
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text via a temporary file in the same folder, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_predictions_csv(
+    path: Path, predictions: dict[str, str], references: dict[str, list[str]] | None = None
+) -> None:
+    """CSV `image_name,caption[,reference_1,...]`, sorted by image name, written atomically."""
+    names = sorted(predictions)
+    refs = {name: list((references or {}).get(name, [])) for name in names}
+    n_refs = max((len(r) for r in refs.values()), default=0) if references is not None else 0
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image_name", "caption"] + [f"reference_{i}" for i in range(1, n_refs + 1)])
+    for name in names:
+        writer.writerow([name, predictions[name]] + refs[name] + [""] * (n_refs - len(refs[name])))
+    write_text_atomic(path, buffer.getvalue())
+
+
+def _replace_nonfinite(obj):
+    """Copy of obj with NaN/inf floats as None and numpy scalars/arrays as plain Python values."""
+    if isinstance(obj, (np.ndarray, np.generic)):
+        obj = obj.tolist()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _replace_nonfinite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_replace_nonfinite(v) for v in obj]
+    return obj
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """JSON (indent 2, NaN/inf written as null) via a temporary file in the same folder."""
+    text = json.dumps(_replace_nonfinite(obj), indent=2, allow_nan=False, ensure_ascii=False, default=str)
+    write_text_atomic(path, text + "\n")
+
+
+def read_predictions_file(path: Path) -> dict[str, str]:
+    """First caption per image from a predictions CSV (ours with reference columns, or any captions file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(
+            f"--predictions_file {path} does not exist or is not a file. Give the CSV written by "
+            "the inference mode (predictions.csv in its output folder), or any `image_name,caption` CSV."
+        )
+    rows = list(csv.reader(io.StringIO(read_text(path), newline="")))
+    header = [cell.strip().lower() for cell in rows[0][:2]] if rows else []
+    if header != ["image_name", "caption"]:
+        return {name: captions[0] for name, captions in read_captions_file(path).items()}
+    # Our own files: column 2 is the prediction; later columns are references, not part of it.
+    predictions: dict[str, str] = {}
+    for row in rows[1:]:
+        if row and row[0].strip():
+            predictions.setdefault(row[0].strip(), row[1] if len(row) > 1 else "")
+    if not predictions:
+        raise UserInputError(f"--predictions_file {path} has a header but no `image_name,caption` row.")
+    return predictions
+
+
+def replace_folder_atomically(tmp: Path, final: Path) -> None:
+    """Move a fully written folder tmp to final; an existing final is kept until the new one is in place."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
