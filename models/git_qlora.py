@@ -1,6 +1,7 @@
 """Build GIT for QLoRA: a (4-bit) quantized frozen base from the hub or a folder, plus PEFT LoRA adapters."""
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -20,13 +21,26 @@ def resolve_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def has_native_bf16(device: str) -> bool:
+    """bf16 in hardware: Ampere or newer GPUs. torch.cuda.is_bf16_supported() alone also counts emulation (T4, V100)."""
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return False
+
+
+def half_dtype(device: str) -> torch.dtype:
+    """The 16-bit type a device computes fast in: bf16 where native, fp16 on older GPUs, bf16 on CPUs."""
+    if device == "cuda" and not has_native_bf16(device):
+        return torch.float16
+    return torch.bfloat16
+
+
 def resolve_compute_dtype(config: Config, device: str) -> torch.dtype:
-    """bf16 on GPUs that have it (as QLoRA does); fp32 elsewhere, where the CPU kernels are exact and fast."""
+    """4-bit compute dtype. auto: bf16 on GPUs that have it natively (as QLoRA does), fp16 on older GPUs,
+    fp32 on CPUs, where the kernels are exact."""
     if config.bnb_4bit_compute_dtype != "auto":
         return DTYPES[config.bnb_4bit_compute_dtype]
-    if device == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    return half_dtype(device) if device == "cuda" else torch.float32
 
 
 def resolve_base_dtype(config: Config, device: str) -> torch.dtype:
@@ -34,8 +48,20 @@ def resolve_base_dtype(config: Config, device: str) -> torch.dtype:
     if config.quantization_bits == 32:
         return torch.float32
     if config.quantization_bits == 16:
-        return torch.bfloat16
+        return half_dtype(device)
     return resolve_compute_dtype(config, device)
+
+
+def training_autocast(config: Config, device: str) -> str | None:
+    """Mixed precision the Trainer runs: 'bf16', 'fp16' (autocast with loss scaling) or None (as loaded).
+
+    prepare_model_for_kbit_training upcasts the unquantized weights to fp32, so on a GPU autocast in the
+    compute dtype keeps the speed; fp16 needs the Trainer's loss scaling against underflowing gradients.
+    """
+    if device != "cuda" or config.quantization_bits == 32:
+        return None
+    dtype = resolve_base_dtype(config, device)
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
 
 
 def build_quantization_config(config: Config, device: str) -> BitsAndBytesConfig | None:
@@ -52,12 +78,14 @@ def build_quantization_config(config: Config, device: str) -> BitsAndBytesConfig
 
 
 def describe_precision(config: Config, device: str) -> str:
+    autocast = training_autocast(config, device)
+    suffix = f", training under {autocast} autocast" if autocast else ""
     if config.quantization_bits == 4:
         kind = f"4-bit {config.bnb_4bit_quant_type}{' double-quant' if config.bnb_4bit_use_double_quant else ''}"
-        return f"{kind} base, compute {resolve_compute_dtype(config, device)}, on {device} (bitsandbytes)"
+        return f"{kind} base, compute {resolve_compute_dtype(config, device)}, on {device} (bitsandbytes){suffix}"
     if config.quantization_bits == 8:
-        return f"8-bit LLM.int8 base on {device} (bitsandbytes)"
-    return f"unquantized {resolve_base_dtype(config, device)} base on {device}"
+        return f"8-bit LLM.int8 base on {device} (bitsandbytes){suffix}"
+    return f"unquantized {resolve_base_dtype(config, device)} base on {device}{suffix}"
 
 
 def load_processor(model_name: str, trust_remote_code: bool = False):
@@ -117,12 +145,18 @@ def find_target_modules(model: torch.nn.Module, names: tuple[str, ...]) -> list[
     return found
 
 
+def exact_names_pattern(names: list[str]) -> str:
+    """A regex PEFT full-matches against module names: exactly these, no suffix matches."""
+    return "|".join(re.escape(name) for name in names)
+
+
 def build_lora_config(config: Config, target_modules: list[str]) -> LoraConfig:
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=target_modules,
+        # A list would be matched by suffix: "output" would also hit ...attention.output (not a Linear).
+        target_modules=exact_names_pattern(target_modules),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -153,6 +187,12 @@ def enable_gradient_checkpointing(model) -> None:
     model.config.use_cache = False
 
 
+def wrapped_lora_layers(model) -> list[str]:
+    """Names (as in the base model) of the layers PEFT put LoRA on."""
+    prefix = "base_model.model."
+    return [name.removeprefix(prefix) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
 def prepare_for_training(model, config: Config):
     """Freeze the base, add LoRA to the resolved target layers, and log what was wrapped."""
     if config.quantization_bits in (4, 8):
@@ -162,10 +202,10 @@ def prepare_for_training(model, config: Config):
     targets = find_target_modules(model, config.lora_target_modules)
     model = get_peft_model(model, build_lora_config(config, targets))
     keep_4bit_weights_unpacked(model)
-    wrapped = [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
-    if len(wrapped) != len(targets):
-        raise RuntimeError(f"PEFT wrapped {len(wrapped)} layers but {len(targets)} were targeted")
-    logger.info("LoRA wraps %d layers: %s", len(wrapped), ", ".join(n.replace("base_model.model.", "") for n in wrapped))
+    wrapped = wrapped_lora_layers(model)
+    if set(wrapped) != set(targets):
+        raise RuntimeError(f"PEFT wrapped {sorted(set(wrapped) ^ set(targets))} differently from the resolved targets")
+    logger.info("LoRA wraps %d layers: %s", len(wrapped), ", ".join(wrapped))
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("Trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
     return model

@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
 from models.git_qlora import (
-    describe_precision, load_base_model, load_processor, prepare_for_training, resolve_compute_dtype, resolve_device,
+    describe_precision, load_base_model, load_processor, prepare_for_training, resolve_device, training_autocast,
 )
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
 from utils.dataset_utils import CaptionCollator, CaptionDataset, Example, collect_examples, split_by_image
@@ -135,7 +135,7 @@ class StepTimer(TrainerCallback):
             self.steps += 1
 
 
-def build_training_args(config: Config, run_dir: Path, has_val: bool, device: str, bf16: bool) -> TrainingArguments:
+def build_training_args(config: Config, run_dir: Path, has_val: bool, device: str, autocast: str | None) -> TrainingArguments:
     strategy = "steps" if config.eval_steps else "epoch"
     metric = config.metric_for_best_model
     return TrainingArguments(
@@ -164,7 +164,8 @@ def build_training_args(config: Config, run_dir: Path, has_val: bool, device: st
         remove_unused_columns=False,  # the collator builds GIT's inputs from images and captions
         dataloader_num_workers=config.num_workers,
         use_cpu=device == "cpu",
-        bf16=bf16,
+        bf16=autocast == "bf16",
+        fp16=autocast == "fp16",  # autocast plus the Trainer's loss scaling
     )
 
 
@@ -238,9 +239,7 @@ def train(config: Config) -> int:
 
 
 def build_trainer(config, run_dir, model, processor, splits, scorer, device):
-    # prepare_model_for_kbit_training upcasts the unquantized weights to fp32; bf16 autocast keeps GPU speed.
-    bf16 = device == "cuda" and config.quantization_bits != 32 and resolve_compute_dtype(config, device) == torch.bfloat16
-    args = build_training_args(config, run_dir, bool(splits.val), device, bf16)
+    args = build_training_args(config, run_dir, bool(splits.val), device, training_autocast(config, device))
     timer = StepTimer()
     (run_dir / "logs").mkdir(exist_ok=True)
     tensorboard = TensorBoardCallback(tb_writer=SummaryWriter(str(run_dir / "logs")))
