@@ -74,7 +74,7 @@ def _training_flags(parser: argparse.ArgumentParser) -> None:
 
 def _generation_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("captioning, evaluation, merging")
-    g.add_argument("--max_new_tokens", type=int, default=30, help="longest caption generated, in tokens")
+    g.add_argument("--max_new_tokens", type=int, help="longest caption generated, in tokens (default: the run's --max_length)")
     g.add_argument("--num_beams", type=int, default=1, help="beam search width (1 = greedy)")
     g.add_argument("--use_merged", action="store_true", help="caption with RUN/merged_model instead of base + adapter")
     g.add_argument("--fgd_model", default="thenlper/gte-small", help="sentence encoder for Fréchet GTE Distance (hub id or folder); 'none' skips it")
@@ -105,13 +105,50 @@ def build_config(args: argparse.Namespace) -> Config:
     return validate(Config(**values))
 
 
+class OncePerProcess(logging.Filter):
+    """Each warning text is shown once: libraries repeat theirs on every model load or evaluation."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        text = record.getMessage()
+        if text in self.seen:
+            return False
+        self.seen.add(text)
+        return True
+
+
+# Library notices a user can do nothing about, matched precisely: PEFT reads the deprecated
+# `is_gradient_checkpointing` on every call; our own code asks for the checkpointing it needs.
+QUIET_WARNINGS = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    (FutureWarning, r"`gradient_checkpointing_enable` is deprecated"),
+    (UserWarning, r".*MatMul8bitLt: inputs will be cast"),
+)
+
+
 def setup_logging() -> None:
+    root = logging.getLogger()
+    existing = set(root.handlers)  # e.g. a test runner's: left as they are
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in set(root.handlers) - existing:
+        handler.addFilter(OncePerProcess())
+        logging.captureWarnings(True)  # Python warnings go through that handler too, so each shows once
     # bitsandbytes looks for optional CPU kernels on the hub; offline that warning is noise.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score announces its tokenizer
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+    for category, message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    if not sys.stderr.isatty():  # loading and download bars only clutter a log file
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 def run_mode(config: Config) -> int:

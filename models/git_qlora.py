@@ -77,8 +77,9 @@ def build_quantization_config(config: Config, device: str) -> BitsAndBytesConfig
     return None
 
 
-def describe_precision(config: Config, device: str) -> str:
-    autocast = training_autocast(config, device)
+def describe_precision(config: Config, device: str, training: bool = True) -> str:
+    """What runs where, for the log and run_config.json: quantization, compute dtype, device (and autocast)."""
+    autocast = training_autocast(config, device) if training else None
     suffix = f", training under {autocast} autocast" if autocast else ""
     if config.quantization_bits == 4:
         kind = f"4-bit {config.bnb_4bit_quant_type}{' double-quant' if config.bnb_4bit_use_double_quant else ''}"

@@ -29,7 +29,7 @@ def _caption_run_images(config) -> tuple[dict[str, str], dict[str, list[str]], d
     model, processor, config, description = load_caption_model(config)
     logger.info("Evaluating %s on %d images of %s", description, len(references), config.test_dir)
     result = caption_folder(
-        model, processor, Path(config.test_dir), sorted(references), config.batch_size, config.max_new_tokens,
+        model, processor, Path(config.test_dir), sorted(references), config.batch_size, config.generation_tokens,
         config.num_beams, config.num_workers,
     )
     listed = _names_as_listed(list(references), config.captions_file, Path(config.test_dir))
@@ -37,7 +37,7 @@ def _caption_run_images(config) -> tuple[dict[str, str], dict[str, list[str]], d
     references = {listed[name]: refs for name, refs in references.items()}
     write_predictions_csv(Path(config.output_dir) / "eval_predictions.csv", predictions, references)
     info = {"model": description, "test_dir": str(config.test_dir), "skipped_images": result.skipped,
-            "images_per_second": result.images_per_second, "max_new_tokens": config.max_new_tokens,
+            "images_per_second": result.images_per_second, "max_new_tokens": config.generation_tokens,
             "num_beams": config.num_beams}
     return predictions, references, info
 

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from models.git_qlora import DTYPES, load_adapter_model, load_base_model, load_processor, resolve_base_dtype, resolve_device
+from models.git_qlora import DTYPES, describe_precision, load_adapter_model, load_base_model, load_processor, resolve_base_dtype, resolve_device
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
 from utils.dataset_utils import list_images, load_image
 from utils.errors import UserInputError
@@ -124,23 +124,25 @@ def load_caption_model(config: Config):
     run_file = Path(config.output_dir) / "run_config.json"
     if config.model_name is not None and not run_file.is_file():
         model = load_base_model(config, device)
-        return model.eval(), load_processor(config.model_name, config.trust_remote_code), config, f"base model {config.model_name}"
+        description = f"base model {config.model_name} ({describe_precision(config, device, training=False)})"
+        return model.eval(), load_processor(config.model_name, config.trust_remote_code), config, description
     config = apply_run_settings(config, require_run(config.output_dir))
     run_dir = Path(config.output_dir)
     if config.use_merged:
         folder = _require_folder(run_dir / "merged_model", "merged_model", "--merge_weights --output_dir RUN")
         model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": device}).eval()
-        return model, load_processor(str(folder)), config, f"merged model {folder}"
+        return model, load_processor(str(folder)), config, f"merged model {folder} ({floating_dtype(model)} on {device})"
     folder = _require_folder(run_dir / "final_model", "final_model (training did not finish; continue it with --resume)", "--train")
     model = load_adapter_model(config, folder, device)
-    return model, load_processor(str(folder)), config, f"{config.model_name} + adapter {folder}"
+    description = f"{config.model_name} + adapter {folder} ({describe_precision(config, device, training=False)})"
+    return model, load_processor(str(folder)), config, description
 
 
 def caption_one_image(config: Config, model, processor) -> int:
     image, reason = load_image(Path(config.test_image))
     if image is None:
         raise UserInputError(f"--test_image {config.test_image} cannot be used: {reason}. Give a readable image file.")
-    caption = generate_captions(model, processor, [image], config.max_new_tokens, config.num_beams)[0]
+    caption = generate_captions(model, processor, [image], config.generation_tokens, config.num_beams)[0]
     print(caption, flush=True)  # stdout carries the caption alone, for `caption=$(...)`
     return 0
 
@@ -148,7 +150,7 @@ def caption_one_image(config: Config, model, processor) -> int:
 def caption_directory(config: Config, model, processor) -> int:
     names = list_images(Path(config.test_dir), "--test_dir")
     result = caption_folder(
-        model, processor, config.test_dir, names, config.batch_size, config.max_new_tokens, config.num_beams,
+        model, processor, config.test_dir, names, config.batch_size, config.generation_tokens, config.num_beams,
         config.num_workers,
     )
     if not result.captions:

@@ -3,6 +3,7 @@
 import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -11,14 +12,19 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.integrations import TensorBoardCallback
 
 from models.git_qlora import (
-    describe_precision, load_base_model, load_processor, prepare_for_training, resolve_device, training_autocast,
+    describe_precision, load_base_model, load_processor, prepare_for_training, resolve_compute_dtype, resolve_device,
+    training_autocast,
 )
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
-from utils.dataset_utils import CaptionCollator, CaptionDataset, Example, collect_examples, split_by_image
+from utils.dataset_utils import (
+    CaptionCollator, CaptionDataset, Example, collect_examples, find_truncated_captions, split_by_image,
+)
 from utils.errors import UserInputError
+from utils.evaluation import format_metrics_table
 from utils.io import replace_folder_atomically, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -95,7 +101,7 @@ class CaptionScorer:
 
         result = caption_folder(
             model, self.processor, self.splits.val_dir, sorted(self.references), self.config.batch_size,
-            self.config.max_new_tokens, self.config.num_beams, progress=False,
+            self.config.generation_tokens, self.config.num_beams, progress=False,
         )
         predictions = {name: result.captions.get(name, "") for name in self.references}
         if self.with_fgd if fgd is None else fgd:
@@ -118,6 +124,22 @@ class CaptionTrainer(Trainer):
             metrics.update(extra)
             self.log(extra)
         return metrics
+
+
+class LogToLogging(TrainerCallback):
+    """The Trainer's log dictionaries through `logging` on stderr; stdout stays for what the user asked for."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items())
+            logger.info("step %d: %s", state.global_step, values)
+
+
+class QuietProgressCallback(ProgressCallback):
+    """The Trainer's progress bar without its print of every log dictionary to stdout."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
 
 
 class StepTimer(TrainerCallback):
@@ -164,6 +186,7 @@ def build_training_args(config: Config, run_dir: Path, has_val: bool, device: st
         remove_unused_columns=False,  # the collator builds GIT's inputs from images and captions
         dataloader_num_workers=config.num_workers,
         use_cpu=device == "cpu",
+        disable_tqdm=not sys.stderr.isatty(),  # in a log file, the step lines below say how far it got
         bf16=autocast == "bf16",
         fp16=autocast == "fp16",  # autocast plus the Trainer's loss scaling
     )
@@ -183,20 +206,49 @@ def save_final_model(model, processor, run_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     processor.save_pretrained(str(tmp))
+    # Self-contained, as litgpt's checkpoints are: the folder alone names its base and how to load it.
+    shutil.copy2(run_dir / "run_config.json", tmp / "run_config.json")
     replace_folder_atomically(tmp, final)
     return final
 
 
-def write_run_config(config: Config, run_dir: Path, device: str, splits: DataSplits) -> None:
+def write_run_config(config: Config, run_dir: Path, device: str, splits: DataSplits, truncated: int) -> None:
     settings = config.to_json_dict()
     settings.update(
         base_model=config.model_name, device=device, precision=describe_precision(config, device),
+        compute_dtype=str(resolve_compute_dtype(config, device)).replace("torch.", ""),
+        training_autocast=training_autocast(config, device),
         library_versions=library_versions(), created=datetime.now().isoformat(timespec="seconds"),
         num_train_examples=len(splits.train), num_val_examples=len(splits.val),
+        truncated_train_captions=truncated,
         val_dir=str(splits.val_dir) if splits.val else None,
         val_images=sorted({e.image_name for e in splits.val}),
     )
     write_json_atomic(run_dir / "run_config.json", settings)
+
+
+def record_resume(config: Config, run_dir: Path) -> None:
+    """Append this session's changed settings to run_config.json, so the run's record stays true."""
+    saved = load_run_config(run_dir)
+    changed = {
+        key: {"was": saved[key], "now": value} for key, value in config.to_json_dict().items()
+        if key in saved and key not in ("mode", "resume") and saved[key] != value
+    }
+    if changed:
+        logger.info("--resume with changed settings: %s", ", ".join(f"{k} {v['was']} -> {v['now']}" for k, v in changed.items()))
+    saved.setdefault("resumes", []).append({"at": datetime.now().isoformat(timespec="seconds"), "changed": changed})
+    write_json_atomic(run_dir / "run_config.json", saved)
+
+
+def warn_truncated_captions(processor, examples: list[Example], max_length: int) -> int:
+    """How many training captions --max_length cuts; a warning names a few."""
+    cut = find_truncated_captions(processor.tokenizer, [e.caption for e in examples], max_length)
+    if cut:
+        logger.warning(
+            "%d of %d training captions are longer than --max_length %d tokens and are cut short, e.g. %r. "
+            "Raise --max_length to train on them whole.", len(cut), len(examples), max_length, cut[0],
+        )
+    return len(cut)
 
 
 def log_settings(config: Config, run_dir: Path, device: str) -> None:
@@ -213,14 +265,21 @@ def train(config: Config) -> int:
     splits = load_splits(config)
     processor = load_processor(config.model_name, config.trust_remote_code)
     model = prepare_for_training(load_base_model(config, device), config)
-    if not config.resume:
-        write_run_config(config, run_dir, device, splits)
+    truncated = warn_truncated_captions(processor, splits.train, config.max_length)
+    if config.resume:
+        record_resume(config, run_dir)
+    else:
+        write_run_config(config, run_dir, device, splits, truncated)
     scorer = CaptionScorer(processor, splits, config, with_fgd=bool(config.fgd_model)) if splits.val else None
     trainer, timer = build_trainer(config, run_dir, model, processor, splits, scorer, device)
-    metrics = {"run_dir": str(run_dir), "device": device, "precision": describe_precision(config, device)}
+    precision = describe_precision(config, device)
+    metrics = {"run_dir": str(run_dir), "device": device, "precision": precision,
+               "before_model": f"the base without the adapter, as trained on: {precision}",
+               "after_model": "the same base with the trained adapter"}
     if scorer is not None and not config.resume:
         metrics["before"], _ = scorer(model)
-        logger.info("Validation caption metrics before training: %s", metrics["before"])
+        logger.info("Validation caption metrics of the base before training (%s):\n%s", precision,
+                    format_metrics_table(metrics["before"]))
         write_json_atomic(run_dir / "metrics.json", metrics)  # kept if the run is interrupted and resumed
     checkpoint = latest_checkpoint(run_dir) if config.resume else None
     start = time.perf_counter()
@@ -231,8 +290,12 @@ def train(config: Config) -> int:
         metrics["val_loss"] = Trainer.evaluate(trainer)["eval_loss"]
         metrics["after"], predictions = scorer(trainer.model)
         metrics["sample_captions"] = dict(list(predictions.items())[:5])
-        logger.info("Validation caption metrics after training: %s", metrics["after"])
-    write_json_atomic(run_dir / "metrics.json", merge_previous_metrics(run_dir, metrics))
+    metrics = merge_previous_metrics(run_dir, metrics)
+    if "after" in metrics:
+        before_after = (metrics["before"], metrics["after"]) if "before" in metrics else (metrics["after"],)
+        logger.info("Validation caption metrics, the base before vs with the adapter after training:\n%s",
+                    format_metrics_table(*before_after))
+    write_json_atomic(run_dir / "metrics.json", metrics)
     logger.info("Adapter saved to %s", final)
     logger.info("Run folder: %s", run_dir.resolve())
     return 0
@@ -253,6 +316,10 @@ def build_trainer(config, run_dir, model, processor, splits, scorer, device):
         callbacks=[tensorboard, timer],
         caption_scorer=scorer if config.metric_for_best_model != "loss" else None,
     )
+    for printing in (PrinterCallback, ProgressCallback):
+        if trainer.pop_callback(printing) is not None and printing is ProgressCallback:
+            trainer.add_callback(QuietProgressCallback())
+    trainer.add_callback(LogToLogging())
     return trainer, timer
 
 

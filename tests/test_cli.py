@@ -38,3 +38,14 @@ def test_config_is_frozen_and_parses_lists():
     assert config.fgd_model is None and config.model_name == "microsoft/git-base"
     with pytest.raises(AttributeError):
         config.lora_r = 3
+
+
+def test_each_warning_is_logged_once():
+    import logging
+
+    from git_qlora_main import OncePerProcess
+
+    once = OncePerProcess()
+    record = lambda level, text: logging.LogRecord("x", level, __file__, 1, text, None, None)  # noqa: E731
+    assert [once.filter(record(logging.WARNING, "w")) for _ in range(3)] == [True, False, False]
+    assert once.filter(record(logging.WARNING, "other")) and once.filter(record(logging.INFO, "i")) and once.filter(record(logging.INFO, "i"))

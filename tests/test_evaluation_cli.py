@@ -47,7 +47,13 @@ def test_eval_of_a_base_model_without_a_run(tiny_model_dir, data_dir, tmp_path):
     assert main(["--eval", "--model_name", str(tiny_model_dir), "--test_dir", str(data_dir / "test"),
                  "--captions_file", str(data_dir / "captions.csv"), "--output_dir", str(out),
                  "--fgd_model", "none", "--num_workers", "0", "--max_new_tokens", "4"]) == 0
-    assert json.loads((out / "eval_results.json").read_text())["num_images"] == 8
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["num_images"] == 8 and "4-bit nf4" in results["settings"]["model"]
+    # --quantization_bits scores the unquantized base, and the results say so.
+    assert main(["--eval", "--model_name", str(tiny_model_dir), "--test_dir", str(data_dir / "test"),
+                 "--captions_file", str(data_dir / "captions.csv"), "--output_dir", str(out),
+                 "--fgd_model", "none", "--num_workers", "0", "--max_new_tokens", "4", "--quantization_bits", "32"]) == 0
+    assert "unquantized torch.float32 base" in json.loads((out / "eval_results.json").read_text())["settings"]["model"]
 
 
 def test_scoring_existing_predictions_with_mismatches(tmp_path, caplog):

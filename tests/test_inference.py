@@ -101,7 +101,10 @@ def test_merged_model_runs_with_plain_transformers(merged_run, data_dir):
     image, _ = load_image(data_dir / "test" / "img_00000.png")
     pixel_values = processor(images=image, return_tensors="pt").pixel_values
     ids = model.generate(pixel_values=pixel_values, max_new_tokens=10)
-    assert isinstance(processor.batch_decode(ids, skip_special_tokens=True)[0], str)
+    caption = processor.batch_decode(ids, skip_special_tokens=True)[0]
+    config = apply_run_settings(Config(mode="inference"), load_run_config(merged_run))
+    adapter = load_adapter_model(config, merged_run / "final_model", "cpu")
+    assert caption.strip() == generate_captions(adapter, processor, [image], max_new_tokens=10)[0]
 
 
 def test_merged_captions_agree_with_the_adapter(merged_run, data_dir):

@@ -15,7 +15,7 @@ from models.git_qlora import (
     resolve_compute_dtype, training_autocast,
 )
 from scripts.inference import generate_captions
-from utils.config import Config
+from utils.config import Config, apply_run_settings
 from utils.dataset_utils import CaptionCollator, CaptionDataset, collect_examples
 from utils.errors import UserInputError
 
@@ -175,6 +175,9 @@ def test_train_writes_run_folder_and_adapter_loads_with_plain_peft(tmp_path, tra
     assert not list(run.rglob("*.bin")) or all(p.name == "training_args.bin" for p in run.rglob("*.bin"))
     settings = json.loads((run / "run_config.json").read_text())
     assert settings["base_model"] == str(tiny_model_dir) and settings["lora_r"] == 8
+    # The checkpoint is self-contained: it carries the run's settings.
+    assert json.loads((run / "final_model" / "run_config.json").read_text()) == settings
+    assert settings["compute_dtype"] == "float32" and settings["training_autocast"] is None
     assert settings["library_versions"]["transformers"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 2 * 72 // 4 and metrics["seconds_per_step"] > 0 and metrics["peak_memory_mb"] > 0
@@ -213,6 +216,8 @@ def test_resume_continues_from_newest_checkpoint(tmp_path, train_cmd, caplog):
     caplog.set_level("INFO")
     assert main(train_cmd(tmp_path, "r1", "--max_steps", "6", "--eval_steps", "2", "--resume")) == 0
     assert "checkpoint-2" in caplog.text and "Resuming from" in caplog.text
+    resumes = json.loads((run / "run_config.json").read_text())["resumes"]
+    assert resumes[-1]["changed"] == {"max_steps": {"was": 4, "now": 6}, "save_total_limit": {"was": 3, "now": 2}}
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 6 and "before" in metrics
     assert (run / "final_model" / "adapter_model.safetensors").is_file()
@@ -282,3 +287,30 @@ def test_gpu_precision_uses_bf16_only_where_native(monkeypatch, native, expected
     assert f"training under {autocast} autocast" in describe_precision(config, "cuda")
     assert training_autocast(config.replace(quantization_bits=32), "cuda") is None
     assert resolve_compute_dtype(config.replace(bnb_4bit_compute_dtype="float32"), "cuda") == torch.float32
+
+
+def test_truncated_captions_are_counted_and_named(tmp_path, train_cmd, tiny_model_dir, data_dir, caplog):
+    caplog.set_level("WARNING")
+    args = train_cmd(tmp_path, "short", "--max_steps", "1", "--max_length", "10", "--split_ratio", "0")
+    args[args.index("--test_dir"):args.index("--test_dir") + 2] = []
+    assert main(args) == 0
+    tokenizer = AutoProcessor.from_pretrained(tiny_model_dir).tokenizer
+    captions = [e.caption for e in collect_examples(data_dir / "train", data_dir / "captions.csv")]
+    expected = sum(len(tokenizer(c).input_ids) > 10 for c in captions)
+    assert 0 < expected < len(captions)
+    assert json.loads((tmp_path / "short" / "run_config.json").read_text())["truncated_train_captions"] == expected
+    assert f"{expected} of {len(captions)} training captions are longer than --max_length 10" in caplog.text
+
+
+def test_training_prints_nothing_to_stdout(tmp_path, train_cmd, capsys):
+    assert main(train_cmd(tmp_path, "quiet", "--max_steps", "2", "--logging_steps", "1")) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "is_gradient_checkpointing" not in captured.err
+
+
+def test_generation_length_defaults_to_the_training_length():
+    assert Config(mode="inference").generation_tokens == 40
+    assert Config(mode="inference", max_length=24).generation_tokens == 24
+    assert apply_run_settings(Config(mode="inference"), {"max_length": 60}).generation_tokens == 60
+    assert Config(mode="inference", max_length=24, max_new_tokens=5).generation_tokens == 5

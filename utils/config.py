@@ -67,7 +67,7 @@ class Config:
     num_workers: int = 2
     resume: bool = False
     # generation, evaluation, merging
-    max_new_tokens: int = 30
+    max_new_tokens: int | None = None  # None: --max_length, so captions can be as long as training allows
     num_beams: int = 1
     use_merged: bool = False
     fgd_model: str | None = "thenlper/gte-small"
@@ -75,6 +75,11 @@ class Config:
     merge_dtype: str = "auto"
     # demo
     demo_scale: float = 1.0
+
+    @property
+    def generation_tokens(self) -> int:
+        """Longest caption generated: --max_new_tokens, else the (run's) --max_length."""
+        return self.max_new_tokens if self.max_new_tokens is not None else self.max_length
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -114,9 +119,10 @@ def _check_numbers(config: Config, problems: list[str]) -> None:
     _check_range(problems, "--logging_steps", config.logging_steps, 1)
     _check_range(problems, "--save_total_limit", config.save_total_limit, 1)
     _check_range(problems, "--num_workers", config.num_workers, 0)
-    _check_range(problems, "--max_new_tokens", config.max_new_tokens, 1)
     _check_range(problems, "--num_beams", config.num_beams, 1)
     _check_range(problems, "--demo_scale", config.demo_scale, 0.0, 1.0, low_open=True)
+    if config.max_new_tokens is not None:
+        _check_range(problems, "--max_new_tokens", config.max_new_tokens, 1)
     if config.eval_steps is not None:
         _check_range(problems, "--eval_steps", config.eval_steps, 1)
     if config.max_steps != -1:

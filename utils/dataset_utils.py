@@ -473,6 +473,16 @@ class CaptionDataset(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------
 
 
+def find_truncated_captions(tokenizer, captions: list[str], max_length: int, chunk: int = 4096) -> list[str]:
+    """The captions longer than max_length tokens (special tokens included), which training cuts short."""
+    cut = []
+    for start in range(0, len(captions), chunk):
+        batch = captions[start : start + chunk]
+        lengths = [len(ids) for ids in tokenizer(batch, add_special_tokens=True)["input_ids"]]
+        cut += [caption for caption, length in zip(batch, lengths) if length > max_length]
+    return cut
+
+
 def build_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Labels aligned with input_ids (GIT shifts them itself), padding set to -100."""
     labels = input_ids.clone()
