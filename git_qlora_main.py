@@ -70,6 +70,7 @@ def _training_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--metric_for_best_model", default="loss", help="loss (validation loss) or a caption metric such as cider, bleu_4")
     g.add_argument("--num_workers", type=int, default=2, help="image-decoding worker processes")
     g.add_argument("--resume", action="store_true", help="continue the run (--run_name, default the newest) from its last checkpoint")
+    g.add_argument("--cache_image_features", default="auto", help="auto (on when the vision tower is frozen and the cache fits), on or off: encode each image once and train on the cached features")
 
 
 def _generation_flags(parser: argparse.ArgumentParser) -> None:

@@ -64,8 +64,14 @@ def floating_dtype(model: torch.nn.Module) -> torch.dtype:
 @torch.no_grad()
 def generate_captions(model, processor, images, max_new_tokens: int = 30, num_beams: int = 1) -> list[str]:
     """Greedy (or beam) captions for PIL images, as the GIT model card does it, tidied to read like text."""
-    device = next(model.parameters()).device
     pixel_values = processor(images=images, return_tensors="pt").pixel_values
+    return caption_pixel_values(model, processor, pixel_values, max_new_tokens, num_beams)
+
+
+@torch.no_grad()
+def caption_pixel_values(model, processor, pixel_values, max_new_tokens: int = 30, num_beams: int = 1) -> list[str]:
+    """Captions for preprocessed images (or cached image features, see models/vision_cache.py)."""
+    device = next(model.parameters()).device
     pixel_values = pixel_values.to(device=device, dtype=floating_dtype(model))
     ids = model.generate(
         pixel_values=pixel_values, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False

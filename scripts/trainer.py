@@ -1,5 +1,6 @@
 """Train LoRA adapters on a quantized GIT with the Hugging Face Trainer; writes one self-contained run folder."""
 
+import contextlib
 import json
 import logging
 import shutil
@@ -11,23 +12,31 @@ from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.integrations import TensorBoardCallback
 
 from models.git_qlora import (
-    describe_precision, load_base_model, load_processor, prepare_for_training, resolve_compute_dtype, resolve_device,
-    training_autocast,
+    describe_precision, load_base_model, load_processor, prepare_for_training, resolve_base_dtype, resolve_compute_dtype,
+    resolve_device, training_autocast, wrapped_lora_layers,
 )
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
+from models.vision_cache import as_pixel_values, feature_shape, fill_feature_cache, plan_feature_cache, vision_from_cache
 from utils.dataset_utils import (
-    CaptionCollator, CaptionDataset, Example, collect_examples, find_truncated_captions, split_by_image,
+    MAX_NAMES_IN_WARNING, CachedFeatureDataset, CaptionCollator, CaptionDataset, Example, FeatureCaptionCollator,
+    collect_examples, find_truncated_captions, split_by_image,
 )
+from utils.distributed import node_rank, world_size
+from utils.feature_store import FeatureStore
 from utils.errors import UserInputError
 from utils.evaluation import format_metrics_table
 from utils.io import replace_folder_atomically, write_json_atomic
 
 logger = logging.getLogger(__name__)
+
+
+# Keys of the feature cache: a training and a validation image may share a name.
+TRAIN_KEY, VAL_KEY = "train/", "val/"
 
 
 @dataclass
@@ -91,19 +100,36 @@ def references_of(examples: list[Example]) -> dict[str, list[str]]:
 class CaptionScorer:
     """Captions the validation images with the model being trained and scores them (COCO metrics, FGD)."""
 
-    def __init__(self, processor, splits: DataSplits, config: Config, with_fgd: bool):
-        self.processor, self.splits, self.config, self.with_fgd = processor, splits, config, with_fgd
+    def __init__(self, processor, splits: DataSplits, config: Config, with_fgd: bool, cache: FeatureStore | None = None):
+        self.processor, self.splits, self.config, self.with_fgd, self.cache = processor, splits, config, with_fgd, cache
         self.references = references_of(splits.val)
 
+    def caption(self, model) -> dict[str, str]:
+        from scripts.inference import caption_folder, caption_pixel_values
+
+        names = sorted(self.references)
+        if self.cache is None:
+            return caption_folder(
+                model, self.processor, self.splits.val_dir, names, self.config.batch_size,
+                self.config.generation_tokens, self.config.num_beams, progress=False,
+            ).captions
+        # From the cached features: no image decoded, no vision tower run (see models/vision_cache.py).
+        names = [n for n in names if self.cache.is_filled(VAL_KEY + n)]
+        captions, was_training = {}, model.training
+        model.eval()
+        for start in range(0, len(names), self.config.batch_size):
+            batch = names[start : start + self.config.batch_size]
+            features = as_pixel_values(torch.stack([self.cache.read(VAL_KEY + n) for n in batch]))
+            texts = caption_pixel_values(model, self.processor, features, self.config.generation_tokens, self.config.num_beams)
+            captions.update(zip(batch, texts))
+        model.train(was_training)
+        return captions
+
     def __call__(self, model, fgd: bool | None = None) -> tuple[dict, dict[str, str]]:
-        from scripts.inference import caption_folder
         from utils.evaluation import compute_caption_metrics, score_captions
 
-        result = caption_folder(
-            model, self.processor, self.splits.val_dir, sorted(self.references), self.config.batch_size,
-            self.config.generation_tokens, self.config.num_beams, progress=False,
-        )
-        predictions = {name: result.captions.get(name, "") for name in self.references}
+        captions = self.caption(model)
+        predictions = {name: captions.get(name, "") for name in self.references}
         if self.with_fgd if fgd is None else fgd:
             return score_captions(predictions, self.references, self.config.fgd_model), predictions
         return compute_caption_metrics(predictions, self.references), predictions
@@ -257,6 +283,32 @@ def log_settings(config: Config, run_dir: Path, device: str) -> None:
     logger.info("Settings: %s", json.dumps(config.to_json_dict(), sort_keys=True))
 
 
+def prepare_feature_cache(config: Config, run_dir: Path, model, processor, splits: DataSplits, device: str):
+    """Encode every training and validation image once, when --cache_image_features allows (see models/vision_cache.py).
+
+    Returns (store or None, seconds spent filling it, keys of images that could not be read).
+    """
+    sources = [(TRAIN_KEY + n, splits.train_dir / n) for n in sorted({e.image_name for e in splits.train})]
+    sources += [(VAL_KEY + n, splits.val_dir / n) for n in sorted({e.image_name for e in splits.val})]
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(training_autocast(config, device))
+    dtype = autocast or resolve_base_dtype(config, device)
+    examples_seen = config.max_steps * config.batch_size * config.gradient_accumulation * world_size() if config.max_steps > 0 else config.epochs * len(splits.train)
+    passes = examples_seen / max(1, len(sources))
+    folder = run_dir / "feature_cache" / f"node-{node_rank()}"
+    plan = plan_feature_cache(config.cache_image_features, wrapped_lora_layers(model), len(sources), passes,
+                              feature_shape(model), dtype, folder)
+    logger.info("Image feature cache %s: %s", "on" if plan.use else "off", plan.reason)
+    if not plan.use:
+        return None, 0.0, {}
+    start = time.perf_counter()
+    source = f"{config.model_name}|{config.quantization_bits}|{config.bnb_4bit_quant_type}|{dtype}"
+    store = FeatureStore(folder, [key for key, _ in sources], feature_shape(model), dtype, source)
+    skipped = fill_feature_cache(model, processor, store, sources, config.batch_size, config.num_workers, autocast)
+    for key, reason in sorted(skipped.items())[:MAX_NAMES_IN_WARNING]:
+        logger.warning("Skipping %s: %s", key, reason)
+    return store, time.perf_counter() - start, skipped
+
+
 def train(config: Config) -> int:
     """--train: fit LoRA adapters, write RUN/{run_config.json, final_model, checkpoints, logs, metrics.json}."""
     config, run_dir = prepare_run_dir(config)
@@ -270,39 +322,66 @@ def train(config: Config) -> int:
         record_resume(config, run_dir)
     else:
         write_run_config(config, run_dir, device, splits, truncated)
-    scorer = CaptionScorer(processor, splits, config, with_fgd=bool(config.fgd_model)) if splits.val else None
-    trainer, timer = build_trainer(config, run_dir, model, processor, splits, scorer, device)
+    cache, cache_seconds, _ = prepare_feature_cache(config, run_dir, model, processor, splits, device)
+    scorer = CaptionScorer(processor, splits, config, bool(config.fgd_model), cache) if splits.val else None
+    trainer, timer = build_trainer(config, run_dir, model, processor, splits, scorer, device, cache)
     precision = describe_precision(config, device)
     metrics = {"run_dir": str(run_dir), "device": device, "precision": precision,
                "before_model": f"the base without the adapter, as trained on: {precision}",
                "after_model": "the same base with the trained adapter"}
-    if scorer is not None and not config.resume:
-        metrics["before"], _ = scorer(model)
-        logger.info("Validation caption metrics of the base before training (%s):\n%s", precision,
-                    format_metrics_table(metrics["before"]))
-        write_json_atomic(run_dir / "metrics.json", metrics)  # kept if the run is interrupted and resumed
-    checkpoint = latest_checkpoint(run_dir) if config.resume else None
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    metrics.update(training_metrics(result, timer, time.perf_counter() - start, config, device))
-    final = save_final_model(trainer.model, processor, run_dir)
-    if scorer is not None:
-        metrics["val_loss"] = Trainer.evaluate(trainer)["eval_loss"]
-        metrics["after"], predictions = scorer(trainer.model)
-        metrics["sample_captions"] = dict(list(predictions.items())[:5])
+    with vision_from_cache(model) if cache is not None else contextlib.nullcontext():
+        if scorer is not None and not config.resume:
+            metrics["before"], _ = scorer(model)
+            logger.info("Validation caption metrics of the base before training (%s):\n%s", precision,
+                        format_metrics_table(metrics["before"]))
+            write_json_atomic(run_dir / "metrics.json", metrics)  # kept if the run is interrupted and resumed
+        checkpoint = latest_checkpoint(run_dir) if config.resume else None
+        # Scoring before training draws from the random generators (DataLoader seeds); reseeding makes
+        # the training itself (dropout masks, data order) the same whatever ran before it.
+        set_seed(config.seed)
+        start = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        metrics.update(training_metrics(result, timer, time.perf_counter() - start, cache_seconds, config, device))
+        final = save_final_model(trainer.model, processor, run_dir)
+        if scorer is not None:
+            metrics["val_loss"] = Trainer.evaluate(trainer)["eval_loss"]
+            metrics["after"], predictions = scorer(trainer.model)
+            metrics["sample_captions"] = dict(list(predictions.items())[:5])
+    if cache is not None:
+        cache.remove()  # as large as the images' features; a later --resume encodes them again
+    finish_metrics(run_dir, metrics)
+    logger.info("Adapter saved to %s", final)
+    logger.info("Run folder: %s", run_dir.resolve())
+    return 0
+
+
+def finish_metrics(run_dir: Path, metrics: dict) -> None:
     metrics = merge_previous_metrics(run_dir, metrics)
     if "after" in metrics:
         before_after = (metrics["before"], metrics["after"]) if "before" in metrics else (metrics["after"],)
         logger.info("Validation caption metrics, the base before vs with the adapter after training:\n%s",
                     format_metrics_table(*before_after))
     write_json_atomic(run_dir / "metrics.json", metrics)
-    logger.info("Adapter saved to %s", final)
-    logger.info("Run folder: %s", run_dir.resolve())
-    return 0
 
 
-def build_trainer(config, run_dir, model, processor, splits, scorer, device):
-    args = build_training_args(config, run_dir, bool(splits.val), device, training_autocast(config, device))
+def build_datasets(config: Config, processor, splits: DataSplits, cache: FeatureStore | None):
+    """(train, eval or None, collator): decoded images, or the cached features of models/vision_cache.py."""
+    if cache is None:
+        train = CaptionDataset(splits.train_dir, splits.train)
+        val = CaptionDataset(splits.val_dir, splits.val) if splits.val else None
+        return train, val, CaptionCollator(processor, config.max_length)
+    train = CachedFeatureDataset(cache, TRAIN_KEY, splits.train)
+    val = CachedFeatureDataset(cache, VAL_KEY, splits.val) if splits.val else None
+    if not len(train):
+        raise UserInputError(f"--train_dir {config.train_dir}: no training image could be read; see the warnings above.")
+    return train, val if val is not None and len(val) else None, FeatureCaptionCollator(processor.tokenizer, config.max_length)
+
+
+def build_trainer(config, run_dir, model, processor, splits, scorer, device, cache=None):
+    train_data, val_data, collator = build_datasets(config, processor, splits, cache)
+    if cache is not None:  # reading cached rows is cheaper than starting worker processes
+        config = config.replace(num_workers=0)
+    args = build_training_args(config, run_dir, val_data is not None, device, training_autocast(config, device))
     timer = StepTimer()
     (run_dir / "logs").mkdir(exist_ok=True)
     tensorboard = TensorBoardCallback(tb_writer=SummaryWriter(str(run_dir / "logs")))
@@ -310,9 +389,9 @@ def build_trainer(config, run_dir, model, processor, splits, scorer, device):
     trainer = CaptionTrainer(
         model=model,
         args=args,
-        train_dataset=CaptionDataset(splits.train_dir, splits.train),
-        eval_dataset=CaptionDataset(splits.val_dir, splits.val) if splits.val else None,
-        data_collator=CaptionCollator(processor, config.max_length),
+        train_dataset=train_data,
+        eval_dataset=val_data,
+        data_collator=collator,
         callbacks=[tensorboard, timer],
         caption_scorer=scorer if config.metric_for_best_model != "loss" else None,
     )
@@ -335,15 +414,19 @@ def latest_checkpoint(run_dir: Path) -> str | None:
     return checkpoint
 
 
-def training_metrics(result, timer: StepTimer, seconds: float, config: Config, device: str) -> dict:
-    images_per_step = config.batch_size * config.gradient_accumulation
-    per_step = timer.seconds / timer.steps if timer.steps else None
+def training_metrics(result, timer: StepTimer, seconds: float, cache_seconds: float, config: Config, device: str) -> dict:
+    """Speed counts every second of this session's training: filling the feature cache, steps, evaluations, saving."""
+    images_per_step = config.batch_size * config.gradient_accumulation * world_size()
+    all_seconds = seconds + cache_seconds
+    per_step = all_seconds / timer.steps if timer.steps else None
     return {
         "train_loss": result.training_loss,
         "global_step": result.global_step,
-        "train_seconds": seconds,
+        "train_seconds": all_seconds,
+        "feature_cache_seconds": cache_seconds,
         "seconds_per_step": per_step,
         "train_images_per_second": images_per_step / per_step if per_step else None,
+        "optimizer_step_seconds": timer.seconds / timer.steps if timer.steps else None,
         "peak_memory_mb": peak_memory_mb(device),
         "peak_memory_kind": "cuda max_memory_allocated" if device == "cuda" else "process max RSS",
     }

@@ -13,6 +13,8 @@ QUANTIZATION_BITS = (4, 8, 16, 32)
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MERGE_BASES = ("dequantized", "original")
+CACHE_SETTINGS = ("auto", "on", "off")
+VISION_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # GIT's CLIP vision tower
 MERGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "rouge_1", "rouge_2")
 DEFAULT_TARGET_MODULES = ("query", "key", "value", "dense")  # every Linear of GIT's text decoder
@@ -66,6 +68,7 @@ class Config:
     metric_for_best_model: str = "loss"
     num_workers: int = 2
     resume: bool = False
+    cache_image_features: str = "auto"
     # generation, evaluation, merging
     max_new_tokens: int | None = None  # None: --max_length, so captions can be as long as training allows
     num_beams: int = 1
@@ -136,6 +139,13 @@ def _check_choices(config: Config, problems: list[str]) -> None:
     _check_choice(problems, "--merge_base", config.merge_base, MERGE_BASES)
     _check_choice(problems, "--merge_dtype", config.merge_dtype, MERGE_DTYPES)
     _check_choice(problems, "--metric_for_best_model", config.metric_for_best_model, ("loss",) + CAPTION_METRICS)
+    _check_choice(problems, "--cache_image_features", config.cache_image_features, CACHE_SETTINGS)
+    vision = [name for name in config.lora_target_modules if name in VISION_TARGET_MODULES]
+    if config.cache_image_features == "on" and vision:
+        problems.append(
+            f"--cache_image_features on needs a frozen vision tower, but --lora_target_modules adapts it ({','.join(vision)}). "
+            "Drop those names or use --cache_image_features auto/off."
+        )
     if not config.lora_target_modules:
         problems.append("--lora_target_modules is empty; give comma-separated module names such as query,key,value,dense.")
     if config.run_name is not None and (not config.run_name or "/" in config.run_name or config.run_name in (".", "..")):

@@ -504,18 +504,47 @@ class CaptionCollator:
                 "No image in this batch could be loaded; see the 'Skipping' warnings above "
                 "and remove or repair the unreadable files."
             )
-        # The tokenizer's [CLS] ... [SEP] framing is kept: GIT's reference training uses it.
-        encoded = self.processor(
-            images=[item["image"] for item in items],
-            text=[item["caption"] for item in items],
-            padding="longest",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        return {
-            "pixel_values": encoded["pixel_values"],
-            "input_ids": encoded["input_ids"],
-            "attention_mask": encoded["attention_mask"],
-            "labels": build_labels(encoded["input_ids"], encoded["attention_mask"]),
-        }
+        pixel_values = self.processor(images=[item["image"] for item in items], return_tensors="pt").pixel_values
+        return {"pixel_values": pixel_values, **encode_captions(self.processor.tokenizer, items, self.max_length)}
+
+
+def encode_captions(tokenizer, items: list[dict], max_length: int) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask and labels of the items' captions, padded to the longest."""
+    # The tokenizer's [CLS] ... [SEP] framing is kept: GIT's reference training uses it.
+    encoded = tokenizer(
+        [item["caption"] for item in items], padding="longest", truncation=True, max_length=max_length, return_tensors="pt",
+    )
+    return {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "labels": build_labels(encoded["input_ids"], encoded["attention_mask"]),
+    }
+
+
+class CachedFeatureDataset(torch.utils.data.Dataset):
+    """Examples whose images were encoded once: {"features", "caption", "image_name"}; no image is decoded."""
+
+    def __init__(self, store, key_prefix: str, examples: list[Example]):
+        self.store, self.key_prefix = store, key_prefix
+        # Images that could not be read have no features: their examples are left out.
+        self.examples = [e for e in examples if store.is_filled(key_prefix + e.image_name)]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        example = self.examples[i]
+        features = self.store.read(self.key_prefix + example.image_name)
+        return {"features": features, "caption": example.caption, "image_name": example.image_name}
+
+
+class FeatureCaptionCollator:
+    """Batches CachedFeatureDataset items into GIT inputs; the features travel as pixel_values
+    shaped (batch, 1, tokens, width), which models.vision_cache feeds past the image encoder."""
+
+    def __init__(self, tokenizer, max_length: int = 40):
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        features = torch.stack([item["features"] for item in items]).unsqueeze(1)
+        return {"pixel_values": features, **encode_captions(self.tokenizer, items, self.max_length)}

@@ -30,6 +30,21 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def local_world_size() -> int:
+    """Processes on this machine (torchrun sets LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size())))
+
+
+def node_rank() -> int:
+    """This machine's number among the machines of the job (torchrun's GROUP_RANK)."""
+    return int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "0")))
+
+
+def shard_for_local_rank(items: list) -> list:
+    """This process's share of items among the processes of its machine: every item goes to exactly one."""
+    return items[local_rank() :: local_world_size()]
+
+
 def is_distributed() -> bool:
     return world_size() > 1
 
