@@ -16,8 +16,10 @@ from transformers.integrations import TensorBoardCallback
 from models.git_qlora import (
     describe_precision, load_base_model, load_processor, prepare_for_training, resolve_compute_dtype, resolve_device,
 )
+from scripts.report import save_train_history, save_val_predictions, write_training_report
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
 from utils.dataset_utils import CaptionCollator, CaptionDataset, Example, collect_examples, split_by_image
+from utils.distributed import is_main_process
 from utils.errors import UserInputError
 from utils.io import replace_folder_atomically, write_json_atomic
 
@@ -218,9 +220,11 @@ def train(config: Config) -> int:
     trainer, timer = build_trainer(config, run_dir, model, processor, splits, scorer, device)
     metrics = {"run_dir": str(run_dir), "device": device, "precision": describe_precision(config, device)}
     if scorer is not None and not config.resume:
-        metrics["before"], _ = scorer(model)
+        metrics["before"], before_captions = scorer(model)
         logger.info("Validation caption metrics before training: %s", metrics["before"])
         write_json_atomic(run_dir / "metrics.json", metrics)  # kept if the run is interrupted and resumed
+        if is_main_process():
+            save_val_predictions(run_dir, before=before_captions)  # the report's base-model captions
     checkpoint = latest_checkpoint(run_dir) if config.resume else None
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -232,9 +236,19 @@ def train(config: Config) -> int:
         metrics["sample_captions"] = dict(list(predictions.items())[:5])
         logger.info("Validation caption metrics after training: %s", metrics["after"])
     write_json_atomic(run_dir / "metrics.json", merge_previous_metrics(run_dir, metrics))
+    if is_main_process():
+        write_report_records(run_dir, trainer, splits, scorer, predictions if scorer is not None else None)
     logger.info("Adapter saved to %s", final)
     logger.info("Run folder: %s", run_dir.resolve())
     return 0
+
+
+def write_report_records(run_dir: Path, trainer, splits: DataSplits, scorer, after_captions) -> None:
+    """RUN/train_history.json, the validation captions after training, and RUN/report.html (with validation images)."""
+    save_train_history(run_dir, trainer.state.log_history)
+    if scorer is not None:
+        save_val_predictions(run_dir, after=after_captions)
+        write_training_report(run_dir, splits.val_dir, scorer.references, trainer.args.seed)
 
 
 def build_trainer(config, run_dir, model, processor, splits, scorer, device):
