@@ -183,7 +183,7 @@ def _label(value: float) -> str:
 
 
 def svg_line_plot(series: list[tuple[str, list[tuple[float, float]]]], title: str, x_label: str, y_label: str,
-                  width: int = 560, height: int = 300) -> str:
+                  width: int = 380, height: int = 260) -> str:
     """An SVG line chart (axes, ticks, labels, legend) of [(label, [(x, y), ...])]; "" when there is nothing to draw."""
     series = [(label, sorted((float(x), float(y)) for x, y in points if math.isfinite(x) and math.isfinite(y)))
               for label, points in series]
@@ -193,7 +193,8 @@ def svg_line_plot(series: list[tuple[str, list[tuple[float, float]]]], title: st
     xs = [x for _, points in series for x, _ in points]
     ys = [y for _, points in series for _, y in points]
     x_ticks, y_ticks = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
-    left, right, top, bottom = 64, 16, 34, 46
+    left, right, top, bottom = 64, 16, 46, 46
+    legend_x = left
     plot_w, plot_h = width - left - right, height - top - bottom
 
     def px(x):
@@ -224,8 +225,10 @@ def svg_line_plot(series: list[tuple[str, list[tuple[float, float]]]], title: st
             parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{coords}"/>')
         parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{3 if len(points) < 40 else 1.5}" fill="{color}">'
                   f'<title>{esc(label)}: step {_label(x)}, {_label(y)}</title></circle>' for x, y in points]
-        parts.append(f'<rect x="{left + 10}" y="{top + 8 + 16 * i}" width="12" height="3" fill="{color}"/>'
-                     f'<text x="{left + 26}" y="{top + 13 + 16 * i}" class="legend">{esc(label)}</text>')
+        # Legend in a row between the title and the plot, where no line can run under it.
+        parts.append(f'<rect x="{legend_x}" y="{top - 13}" width="12" height="3" fill="{color}"/>'
+                     f'<text x="{legend_x + 16}" y="{top - 8}" class="legend">{esc(label)}</text>')
+        legend_x += 16 + 7 * len(label) + 18
     parts.append("</svg>")
     return "".join(parts)
 
@@ -284,14 +287,15 @@ def thumbnail_data_uri(path: Path | None, size: int = THUMBNAIL_PX) -> tuple[str
 # ---------------------------------------------------------------------------
 
 STYLE = """
-body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
+body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1280px}
+.tables{display:flex;flex-wrap:wrap;gap:8px 40px} h3{font-size:15px;margin:8px 0 4px}
 h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 .sub{color:#666;margin:2px 0} .note{color:#666;font-size:12px}
-table.metrics{border-collapse:collapse;margin:8px 24px 8px 0;display:inline-table;vertical-align:top}
+table.metrics{border-collapse:collapse;margin:4px 0}
 table.metrics td,table.metrics th{padding:3px 10px;border-bottom:1px solid #eee;text-align:right}
 table.metrics td:first-child,table.metrics th:first-child{text-align:left}
 .up{color:#1a7f37} .down{color:#b42318}
-.plots svg{margin:0 12px 12px 0;border:1px solid #eee;background:#fff}
+.plots svg{margin:0 10px 10px 0;border:1px solid #eee;background:#fff}
 .plot-title{font-size:14px;font-weight:600} .tick{font-size:11px;fill:#444} .axis-label{font-size:12px;fill:#222}
 .legend{font-size:12px}
 .controls{position:sticky;top:0;background:#fff;padding:8px 0;border-bottom:1px solid #ddd;z-index:1}
@@ -432,7 +436,7 @@ def render_report(data: ReportData, roots: list[Path]) -> str:
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{esc(data.title)}</title><style>{STYLE}</style></head>\n<body>"
-            f"<h1>{esc(data.title)}</h1>{subtitle}<h2>Metrics</h2>{tables}{notes}{plots}"
+            f'<h1>{esc(data.title)}</h1>{subtitle}<h2>Metrics</h2><div class="tables">{tables}</div>{notes}{plots}'
             f"{render_gallery(data, roots)}<script>{SCRIPT}</script></body></html>\n")
 
 
