@@ -445,8 +445,7 @@ def render_report(data: ReportData, roots: list[Path]) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _write(path: Path, data: ReportData, roots: list[Path]) -> Path | None:
-    start = time.perf_counter()
+def _write(path: Path, data: ReportData, roots: list[Path], start: float) -> Path | None:
     try:
         write_text_atomic(path, render_report(data, roots))
     except Exception as error:  # noqa: BLE001 - the report is an extra; the metrics are already written
@@ -492,7 +491,7 @@ def write_eval_report(config, predictions: dict[str, str], references: dict[str,
                       info: dict) -> Path | None:
     """OUTPUT_DIR/report.html for --eval; images are looked up under --test_dir, then beside the captions file
     and the predictions file (names such as "test/a.jpg" are relative to the captions file's folder)."""
-    out = Path(config.output_dir)
+    start, out = time.perf_counter(), Path(config.output_dir)
     roots = [Path(p) for p in (config.test_dir, config.captions_file and Path(config.captions_file).parent,
                                config.predictions_file and Path(config.predictions_file).parent) if p]
     try:
@@ -500,13 +499,13 @@ def write_eval_report(config, predictions: dict[str, str], references: dict[str,
     except Exception as error:  # noqa: BLE001
         logger.warning("Could not build the HTML report: %s: %s", type(error).__name__, error)
         return None
-    return _write(out / REPORT_NAME, data, roots)
+    return _write(out / REPORT_NAME, data, roots, start)
 
 
 def write_training_report(run_dir: Path, val_dir: Path, references: dict[str, list[str]], seed: int = 0) -> Path | None:
     """RUN/report.html at the end of --train, from the run's own records: metrics.json, val_predictions.csv and
     train_history.json."""
-    run_dir = Path(run_dir)
+    start, run_dir = time.perf_counter(), Path(run_dir)
     try:
         training = read_json(run_dir / "metrics.json")
         captions = read_val_predictions(run_dir / VAL_PREDICTIONS_NAME)
@@ -521,4 +520,4 @@ def write_training_report(run_dir: Path, val_dir: Path, references: dict[str, li
     except Exception as error:  # noqa: BLE001
         logger.warning("Could not build the HTML report: %s: %s", type(error).__name__, error)
         return None
-    return _write(run_dir / REPORT_NAME, data, [Path(val_dir)])
+    return _write(run_dir / REPORT_NAME, data, [Path(val_dir)], start)
