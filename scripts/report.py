@@ -73,10 +73,12 @@ def save_train_history(run_dir: Path, log_history: list[dict]) -> None:
 def read_train_history(run_dir: Path) -> list[dict]:
     """The run's log history: RUN/train_history.json, else the newest checkpoint's trainer_state.json."""
     run_dir = Path(run_dir)
-    candidates = [run_dir / HISTORY_NAME]
-    checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*/trainer_state.json"),
-                         key=lambda p: int(p.parent.name.rsplit("-", 1)[-1]) if p.parent.name.rsplit("-", 1)[-1].isdigit() else -1)
-    candidates += checkpoints[::-1]
+    def step(state: Path) -> int:
+        suffix = state.parent.name.rsplit("-", 1)[-1]
+        return int(suffix) if suffix.isdigit() else -1
+
+    checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*/trainer_state.json"), key=step, reverse=True)
+    candidates = [run_dir / HISTORY_NAME, *checkpoints]
     for path in candidates:
         if path.is_file():
             try:
@@ -337,8 +339,9 @@ SCRIPT = """
   }
   // report.html#sort=cider-desc&q=red opens sorted and filtered (links, and the browser test).
   var hash = new URLSearchParams(location.hash.slice(1));
-  if (hash.get('sort') && sort.querySelector('option[value="' + hash.get('sort').replace(/[^a-z0-9_-]/gi, '') + '"]'))
-    sort.value = hash.get('sort');
+  Array.prototype.forEach.call(sort.options, function (option) {
+    if (option.value === hash.get('sort')) sort.value = option.value;
+  });
   if (hash.get('q')) query.value = hash.get('q');
   sort.addEventListener('change', apply);
   query.addEventListener('input', apply);
@@ -365,7 +368,7 @@ def render_metrics_table(heading: str, columns: list[tuple[str, dict]]) -> str:
     body = []
     for key in TABLE_KEYS:
         values = [metrics.get(key) for _, metrics in columns]
-        if all(v is None for v in values) and key not in ("fgd",):
+        if all(v is None for v in values) and key != "fgd":
             continue
         cells = "".join(f"<td>{_format_value(v)}</td>" for v in values)
         if with_change:

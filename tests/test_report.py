@@ -133,6 +133,14 @@ def test_thumbnails_are_small_and_never_outside_the_folder(tmp_path):
     assert report.thumbnail_data_uri(None) == (None, "image file not found")
 
 
+def test_val_predictions_keep_the_other_column_when_one_is_updated(tmp_path):
+    report.save_val_predictions(tmp_path, before={"a.jpg": "a red, \"odd\" circle", "b.jpg": "a square"})
+    report.save_val_predictions(tmp_path, after={"a.jpg": "the circle is red"})  # e.g. after --resume
+    with open(tmp_path / "val_predictions.csv", newline="", encoding="utf-8") as handle:
+        assert list(csv.reader(handle)) == [["image_name", "before", "after"], ["a.jpg", 'a red, "odd" circle',
+                                            "the circle is red"], ["b.jpg", "a square", ""]]
+
+
 def _eval_args(run: Path, data_dir: Path) -> list[str]:
     return ["--eval", "--test_dir", str(data_dir / "test"), "--captions_file", str(data_dir / "captions.csv"),
             "--output_dir", str(run), "--fgd_model", "none", "--num_workers", "0", "--max_new_tokens", "8"]
@@ -144,7 +152,8 @@ def test_training_keeps_records_and_eval_report_shows_them(trained_run, data_dir
     assert len(val) == 8 and all(row["before"] and row["after"] for row in val)
     history = json.loads((trained_run / "train_history.json").read_text())
     assert any("loss" in e for e in history) and any("eval_loss" in e for e in history)
-    assert (trained_run / "report.html").is_file()  # written by --train
+    trained = (trained_run / "report.html").read_text(encoding="utf-8")  # written by --train
+    assert len(_rows(trained)) == 8 and "before training" in trained and "base model: " in trained
 
     assert main(_eval_args(trained_run, data_dir)) == 0
     page = (trained_run / "report.html").read_text(encoding="utf-8")
