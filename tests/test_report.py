@@ -198,3 +198,14 @@ def test_predictions_file_report_and_a_failing_report_does_not_fail_eval(data_di
     assert main(args + ["--output_dir", str(tmp_path / "out2")]) == 0
     assert (tmp_path / "out2" / "eval_results.json").is_file() and not (tmp_path / "out2" / "report.html").exists()
     assert "disk on fire" in caplog.text
+
+
+def test_eval_of_a_base_model_writes_a_report_without_run_records(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "base_eval"
+    assert main(["--eval", "--model_name", str(tiny_model_dir), "--test_dir", str(data_dir / "test"),
+                 "--captions_file", str(data_dir / "captions.csv"), "--output_dir", str(out),
+                 "--fgd_model", "none", "--num_workers", "0", "--max_new_tokens", "4"]) == 0
+    page = (out / "report.html").read_text(encoding="utf-8")
+    parsed = ElementCounter(page)
+    assert len(_rows(page)) == 8 and parsed.tags["img"] == 8
+    assert "base model:" not in page and "<h2>Training</h2>" not in page  # nothing to compare with or plot
