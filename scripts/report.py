@@ -517,7 +517,8 @@ def write_training_report(run_dir: Path, val_dir: Path, references: dict[str, li
         rows, scores, _ = build_gallery(after, references, before, seed)
         subtitle = [f"--train run {run_dir.name}: validation images of {val_dir}, captioned after training",
                     f"written {datetime.now().isoformat(timespec='seconds')}"]
-        tables = _training_tables(training, "Validation images") or [("Validation images", [("after training", training.get("after") or {})])]
+        tables = (_training_tables(training, "Validation images")
+                  or [("Validation images", [("after training", training.get("after") or {})])])
         data = ReportData("Caption report", subtitle, tables, rows, len(scores),
                           build_plots(read_train_history(run_dir), training))
     except Exception as error:  # noqa: BLE001
