@@ -5,6 +5,7 @@ from pathlib import Path
 
 from models.git_qlora import resolve_device
 from scripts.inference import caption_folder, load_caption_model
+from scripts.report import write_eval_report
 from utils.dataset_utils import collect_examples, read_captions_file
 from utils.evaluation import align_names, format_metrics_table, score_captions
 from utils.io import read_predictions_file, write_json_atomic, write_predictions_csv
@@ -56,4 +57,5 @@ def run_evaluation(config) -> int:
     write_json_atomic(target, {**metrics, "settings": info})
     print(format_metrics_table(metrics))
     logger.info("Wrote %s", target)
+    write_eval_report(config, predictions, references, metrics, info)  # logs a warning if it fails, never raises
     return 0

@@ -20,13 +20,14 @@ from models.git_qlora import (
     describe_precision, load_base_model, load_processor, prepare_for_training, resolve_base_dtype, resolve_compute_dtype,
     resolve_device, training_autocast, wrapped_lora_layers,
 )
+from scripts.report import save_train_history, save_val_predictions, write_training_report
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
 from models.vision_cache import as_pixel_values, feature_shape, fill_feature_cache, plan_feature_cache, vision_from_cache
 from utils.dataset_utils import (
     MAX_NAMES_IN_WARNING, CachedFeatureDataset, CaptionCollator, CaptionDataset, Example, FeatureCaptionCollator,
     collect_examples, find_truncated_captions, split_by_image,
 )
-from utils.distributed import node_rank, world_size
+from utils.distributed import is_main_process, node_rank, world_size
 from utils.feature_store import FeatureStore
 from utils.errors import UserInputError
 from utils.evaluation import format_metrics_table
@@ -331,10 +332,12 @@ def train(config: Config) -> int:
                "after_model": "the same base with the trained adapter"}
     with vision_from_cache(model) if cache is not None else contextlib.nullcontext():
         if scorer is not None and not config.resume:
-            metrics["before"], _ = scorer(model)
+            metrics["before"], before_captions = scorer(model)
             logger.info("Validation caption metrics of the base before training (%s):\n%s", precision,
                         format_metrics_table(metrics["before"]))
             write_json_atomic(run_dir / "metrics.json", metrics)  # kept if the run is interrupted and resumed
+            if is_main_process():
+                save_val_predictions(run_dir, before=before_captions)  # the report's base-model captions
         checkpoint = latest_checkpoint(run_dir) if config.resume else None
         # Scoring before training draws from the random generators (DataLoader seeds); reseeding makes
         # the training itself (dropout masks, data order) the same whatever ran before it.
@@ -350,6 +353,8 @@ def train(config: Config) -> int:
     if cache is not None:
         cache.remove()  # as large as the images' features; a later --resume encodes them again
     finish_metrics(run_dir, metrics)
+    if is_main_process():
+        write_report_records(run_dir, trainer, splits, scorer, predictions if scorer is not None else None)
     logger.info("Adapter saved to %s", final)
     logger.info("Run folder: %s", run_dir.resolve())
     return 0
@@ -362,6 +367,14 @@ def finish_metrics(run_dir: Path, metrics: dict) -> None:
         logger.info("Validation caption metrics, the base before vs with the adapter after training:\n%s",
                     format_metrics_table(*before_after))
     write_json_atomic(run_dir / "metrics.json", metrics)
+
+
+def write_report_records(run_dir: Path, trainer, splits: DataSplits, scorer, after_captions) -> None:
+    """RUN/train_history.json, the validation captions after training, and RUN/report.html (with validation images)."""
+    save_train_history(run_dir, trainer.state.log_history)
+    if scorer is not None:
+        save_val_predictions(run_dir, after=after_captions)
+        write_training_report(run_dir, splits.val_dir, scorer.references, trainer.args.seed)
 
 
 def build_datasets(config: Config, processor, splits: DataSplits, cache: FeatureStore | None):

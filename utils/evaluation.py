@@ -141,6 +141,24 @@ def compute_caption_metrics(predictions: dict[str, str], references: dict[str, l
     return metrics
 
 
+def compute_per_image_scores(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, dict]:
+    """CIDEr-D and BLEU-4 of each image, on the same normalised text and image set as compute_caption_metrics.
+
+    CIDEr-D takes its document frequencies from the whole evaluated set, so the per-image values
+    average to the corpus CIDEr-D. BLEU-4 is pycocoevalcap's sentence-level BLEU (its per-image
+    list: clipped n-gram precisions with a tiny smoothing constant and the image's own brevity
+    penalty); the corpus BLEU-4 pools counts over images and is not their mean.
+    """
+    hypotheses, refs = _build_scoring_sets(predictions, references)
+    res = {name: [caption] for name, caption in hypotheses.items()}
+    gts = {name: refs[name] for name in hypotheses}
+    with contextlib.redirect_stdout(sys.stderr):
+        _, bleu = Bleu(4).compute_score(gts, res, verbose=0)
+        _, cider = Cider().compute_score(gts, res)
+    # Both scorers walk gts in insertion order, so position i is the i-th name.
+    return {name: {"cider": float(cider[i]), "bleu_4": float(bleu[3][i])} for i, name in enumerate(gts)}
+
+
 # ---------------------------------------------------------------------------
 # Fréchet GTE Distance
 # ---------------------------------------------------------------------------

@@ -1,0 +1,527 @@
+"""RUN/report.html: one self-contained page with the metrics, a captioned image gallery and training plots."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from utils.dataset_utils import load_image, read_text
+from utils.evaluation import METRIC_KEYS, align_names, compute_caption_metrics, compute_per_image_scores
+from utils.io import write_json_atomic, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "report.html"
+VAL_PREDICTIONS_NAME = "val_predictions.csv"  # image_name,before,after: validation captions of --train
+HISTORY_NAME = "train_history.json"  # the Trainer's log_history at the end of --train
+# The gallery shows the worst, the best and a random sample of the rest, so the file stays small.
+GALLERY_WORST, GALLERY_BEST, GALLERY_RANDOM = 100, 100, 50
+THUMBNAIL_PX = 128  # longest side of an embedded thumbnail
+JPEG_QUALITY = 80
+TABLE_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "rouge_1", "rouge_2", "fgd",
+              "num_images", "num_references")
+METRIC_LABELS = {"bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4",
+                 "rouge_l": "ROUGE-L", "cider": "CIDEr-D", "rouge_1": "ROUGE-1", "rouge_2": "ROUGE-2",
+                 "fgd": "FGD (lower is better)", "num_images": "images", "num_references": "references"}
+# Nothing may leave the page: every image is a data: URI, styles and the script are inline.
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+
+
+# ---------------------------------------------------------------------------
+# Records --train keeps for the report
+# ---------------------------------------------------------------------------
+
+
+def read_val_predictions(path: Path) -> dict[str, dict[str, str]]:
+    """{image_name: {"before": caption, "after": caption}} from val_predictions.csv; {} when absent."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    rows = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    return {row["image_name"]: {"before": row.get("before") or "", "after": row.get("after") or ""}
+            for row in rows if row.get("image_name")}
+
+
+def save_val_predictions(run_dir: Path, before: dict[str, str] | None = None, after: dict[str, str] | None = None) -> None:
+    """Update RUN/val_predictions.csv with the captions given; a column not given keeps its old values (--resume)."""
+    path = Path(run_dir) / VAL_PREDICTIONS_NAME
+    rows = read_val_predictions(path)
+    for column, captions in (("before", before), ("after", after)):
+        for name, caption in (captions or {}).items():
+            rows.setdefault(name, {"before": "", "after": ""})[column] = caption
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image_name", "before", "after"])
+    writer.writerows([name, rows[name]["before"], rows[name]["after"]] for name in sorted(rows))
+    write_text_atomic(path, buffer.getvalue())
+
+
+def save_train_history(run_dir: Path, log_history: list[dict]) -> None:
+    write_json_atomic(Path(run_dir) / HISTORY_NAME, list(log_history))
+
+
+def read_train_history(run_dir: Path) -> list[dict]:
+    """The run's log history: RUN/train_history.json, else the newest checkpoint's trainer_state.json."""
+    run_dir = Path(run_dir)
+    def step(state: Path) -> int:
+        suffix = state.parent.name.rsplit("-", 1)[-1]
+        return int(suffix) if suffix.isdigit() else -1
+
+    checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*/trainer_state.json"), key=step, reverse=True)
+    candidates = [run_dir / HISTORY_NAME, *checkpoints]
+    for path in candidates:
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError:
+                logger.warning("Report: %s is not valid JSON; skipped.", path)
+                continue
+            history = data.get("log_history", []) if isinstance(data, dict) else data
+            return [entry for entry in history if isinstance(entry, dict)]
+    return []
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# ---------------------------------------------------------------------------
+# What the report shows (pure)
+# ---------------------------------------------------------------------------
+
+
+def select_gallery(scores: dict[str, float], worst: int = GALLERY_WORST, best: int = GALLERY_BEST,
+                   sample: int = GALLERY_RANDOM, seed: int = 0) -> list[str]:
+    """Names to show, worst first: the `worst` lowest, the `best` highest and `sample` random others."""
+    ranked = sorted(scores, key=lambda name: (scores[name], name))
+    if len(ranked) <= worst + best + sample:
+        return ranked
+    middle = ranked[worst:len(ranked) - best]
+    chosen = set(ranked[:worst]) | set(ranked[len(ranked) - best:]) | set(random.Random(seed).sample(middle, sample))
+    return [name for name in ranked if name in chosen]
+
+
+@dataclass
+class GalleryRow:
+    name: str
+    prediction: str
+    references: list[str]
+    cider: float
+    bleu_4: float
+    base: str | None = None  # the base model's caption, when the run has it
+    base_cider: float | None = None
+
+
+@dataclass
+class ReportData:
+    """Everything the page shows, built from captions, references and the run's records."""
+
+    title: str
+    subtitle: list[str]
+    tables: list[tuple[str, list[tuple[str, dict]]]]  # (heading, [(column label, metrics)])
+    rows: list[GalleryRow]
+    num_scored: int
+    plots: list[str] = field(default_factory=list)  # inline SVG
+    notes: list[str] = field(default_factory=list)
+
+
+def build_gallery(predictions: dict[str, str], references: dict[str, list[str]],
+                  base: dict[str, str] | None = None, seed: int = 0) -> tuple[list[GalleryRow], dict[str, dict], dict | None]:
+    """Rows to show (worst CIDEr-D first), every image's scores, and the base model's metrics on the same images.
+
+    The base model's scores are computed only when it captioned every scored image, so both use the same
+    CIDEr-D document frequencies and are comparable.
+    """
+    scores = compute_per_image_scores(predictions, references)
+    base = {name: caption for name, caption in (base or {}).items() if name in scores}
+    base_scores, base_metrics = {}, None
+    if base and set(base) == set(scores):
+        base_scores = compute_per_image_scores(base, references)
+        base_metrics = compute_caption_metrics(base, {name: references[name] for name in base})
+    shown = select_gallery({name: s["cider"] for name, s in scores.items()}, seed=seed)
+    rows = [GalleryRow(name, predictions[name], list(references[name]), scores[name]["cider"], scores[name]["bleu_4"],
+                       base.get(name), base_scores.get(name, {}).get("cider")) for name in shown]
+    return rows, scores, base_metrics
+
+
+# ---------------------------------------------------------------------------
+# Plots: a small inline-SVG line chart
+# ---------------------------------------------------------------------------
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round tick values (1, 2, 5 x 10^k apart) covering [low, high]."""
+    if high <= low:
+        pad = abs(low) * 0.1 or 1.0
+        low, high = low - pad, high + pad
+    raw = (high - low) / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    first = math.floor(low / step + 1e-9) * step
+    ticks = [first]
+    while ticks[-1] < high - 1e-9 * step:
+        ticks.append(first + len(ticks) * step)
+    return [round(t, 12) for t in ticks]
+
+
+def _label(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def svg_line_plot(series: list[tuple[str, list[tuple[float, float]]]], title: str, x_label: str, y_label: str,
+                  width: int = 380, height: int = 260) -> str:
+    """An SVG line chart (axes, ticks, labels, legend) of [(label, [(x, y), ...])]; "" when there is nothing to draw."""
+    series = [(label, sorted((float(x), float(y)) for x, y in points if math.isfinite(x) and math.isfinite(y)))
+              for label, points in series]
+    series = [(label, points) for label, points in series if points]
+    if not series:
+        return ""
+    xs = [x for _, points in series for x, _ in points]
+    ys = [y for _, points in series for _, y in points]
+    x_ticks, y_ticks = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
+    left, right, top, bottom = 64, 16, 46, 46
+    legend_x = left
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def px(x):
+        return left + (x - x_ticks[0]) / (x_ticks[-1] - x_ticks[0]) * plot_w
+
+    def py(y):
+        return top + plot_h - (y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * plot_h
+
+    esc = html.escape
+    parts = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">',
+             f'<text x="{width / 2}" y="18" text-anchor="middle" class="plot-title">{esc(title)}</text>',
+             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>']
+    for t in x_ticks:
+        parts.append(f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{top + plot_h}" y2="{top + plot_h + 4}" stroke="#666"/>'
+                     f'<text x="{px(t):.1f}" y="{top + plot_h + 16}" text-anchor="middle" class="tick">{_label(t)}</text>')
+    for t in y_ticks:
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#eee"/>'
+                     f'<line x1="{left - 4}" x2="{left}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#666"/>'
+                     f'<text x="{left - 6}" y="{py(t) + 4:.1f}" text-anchor="end" class="tick">{_label(t)}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle" class="axis-label">{esc(x_label)}</text>'
+                 f'<text transform="translate(14 {top + plot_h / 2}) rotate(-90)" text-anchor="middle" '
+                 f'class="axis-label">{esc(y_label)}</text>')
+    for i, (label, points) in enumerate(series):
+        color = PALETTE[i % len(PALETTE)]
+        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
+        if len(points) > 1:
+            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{coords}"/>')
+        parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{3 if len(points) < 40 else 1.5}" fill="{color}">'
+                  f'<title>{esc(label)}: step {_label(x)}, {_label(y)}</title></circle>' for x, y in points]
+        # Legend in a row between the title and the plot, where no line can run under it.
+        parts.append(f'<rect x="{legend_x}" y="{top - 13}" width="12" height="3" fill="{color}"/>'
+                     f'<text x="{legend_x + 16}" y="{top - 8}" class="legend">{esc(label)}</text>')
+        legend_x += 16 + 7 * len(label) + 18
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def build_plots(history: list[dict], training: dict) -> list[str]:
+    """Loss over steps, and caption metrics at each evaluation (plus before and after training)."""
+    def points(key):
+        return [(e["step"], e[key]) for e in history if isinstance(e.get(key), (int, float)) and "step" in e]
+
+    plots = [svg_line_plot([("training loss", points("loss")), ("validation loss", points("eval_loss"))],
+                           "Loss", "optimizer step", "cross-entropy")]
+    last_step = training.get("global_step") or max((e.get("step", 0) for e in history), default=0)
+    for keys, y_label in ((("cider",), "CIDEr-D"), (("bleu_4", "rouge_l"), "BLEU-4 / ROUGE-L")):
+        series = []
+        for key in keys:
+            pts = points(f"eval_{key}")
+            if isinstance((training.get("before") or {}).get(key), (int, float)):
+                pts.insert(0, (0, training["before"][key]))
+            if isinstance((training.get("after") or {}).get(key), (int, float)):
+                pts.append((last_step, training["after"][key]))
+            series.append((METRIC_LABELS[key], pts))
+        plots.append(svg_line_plot(series, f"Validation {y_label}", "optimizer step", y_label))
+    return [plot for plot in plots if plot]
+
+
+# ---------------------------------------------------------------------------
+# Thumbnails
+# ---------------------------------------------------------------------------
+
+
+def find_image(name: str, roots: list[Path]) -> Path | None:
+    """The first root/name that is a file inside its root; names reaching outside a root are never opened."""
+    for root in roots:
+        root = Path(root).resolve()
+        path = (root / name).resolve()
+        if path.is_relative_to(root) and path.is_file():
+            return path
+    return None
+
+
+def thumbnail_data_uri(path: Path | None, size: int = THUMBNAIL_PX) -> tuple[str | None, str]:
+    """(JPEG data URI of the image shrunk to `size` px, "") or (None, why); never raises."""
+    if path is None:
+        return None, "image file not found"
+    image, reason = load_image(path)
+    if image is None:
+        return None, reason or "unreadable"
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=True)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), ""
+
+
+# ---------------------------------------------------------------------------
+# HTML
+# ---------------------------------------------------------------------------
+
+STYLE = """
+body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1280px}
+.tables{display:flex;flex-wrap:wrap;gap:8px 40px} h3{font-size:15px;margin:8px 0 4px}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+.sub{color:#666;margin:2px 0} .note{color:#666;font-size:12px}
+table.metrics{border-collapse:collapse;margin:4px 0}
+table.metrics td,table.metrics th{padding:3px 10px;border-bottom:1px solid #eee;text-align:right}
+table.metrics td:first-child,table.metrics th:first-child{text-align:left}
+.up{color:#1a7f37} .down{color:#b42318}
+.plots svg{margin:0 10px 10px 0;border:1px solid #eee;background:#fff}
+.plot-title{font-size:14px;font-weight:600} .tick{font-size:11px;fill:#444} .axis-label{font-size:12px;fill:#222}
+.legend{font-size:12px}
+.controls{position:sticky;top:0;background:#fff;padding:8px 0;border-bottom:1px solid #ddd;z-index:1}
+.controls input{width:260px}
+table.gallery{border-collapse:collapse;width:100%}
+table.gallery td,table.gallery th{padding:6px;border-bottom:1px solid #eee;vertical-align:top;text-align:left}
+table.gallery td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+img.thumb{display:block;border-radius:3px;background:#f4f4f4}
+.missing{width:96px;height:96px;display:flex;align-items:center;justify-content:center;background:#f4f4f4;
+  color:#999;font-size:11px;text-align:center}
+.name{font-family:ui-monospace,monospace;font-size:12px;color:#555;word-break:break-all}
+.pred{font-weight:600} .base{color:#666;margin-top:4px} .refs{margin:0;padding-left:16px;color:#444}
+"""
+
+SCRIPT = """
+(function () {
+  var body = document.getElementById('gallery-body');
+  if (!body) return;
+  var rows = Array.prototype.slice.call(body.rows);
+  var sort = document.getElementById('sort'), query = document.getElementById('query');
+  var shown = document.getElementById('visible-count');
+  function value(row, key) { return key === 'name' ? row.dataset.name : parseFloat(row.dataset[key]); }
+  function apply() {
+    var parts = sort.value.split('-'), key = parts[0], dir = parts[1] === 'desc' ? -1 : 1;
+    rows.sort(function (a, b) {
+      var x = value(a, key), y = value(b, key);
+      if (x < y) return -dir;
+      if (x > y) return dir;
+      return a.dataset.name < b.dataset.name ? -1 : 1;
+    });
+    var needle = query.value.trim().toLowerCase(), count = 0;
+    rows.forEach(function (row) {
+      body.appendChild(row);
+      row.hidden = needle !== '' && row.textContent.toLowerCase().indexOf(needle) < 0;
+      if (!row.hidden) count++;
+    });
+    shown.textContent = count;
+    document.body.setAttribute('data-sort', sort.value);
+  }
+  // report.html#sort=cider-desc&q=red opens sorted and filtered (links, and the browser test).
+  var hash = new URLSearchParams(location.hash.slice(1));
+  Array.prototype.forEach.call(sort.options, function (option) {
+    if (option.value === hash.get('sort')) sort.value = option.value;
+  });
+  if (hash.get('q')) query.value = hash.get('q');
+  sort.addEventListener('change', apply);
+  query.addEventListener('input', apply);
+  apply();
+  document.body.setAttribute('data-ready', '1');
+})();
+"""
+
+
+def _format_value(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def render_metrics_table(heading: str, columns: list[tuple[str, dict]]) -> str:
+    """A metric table; with two columns a third shows the change (green up, red down; FGD is better down)."""
+    esc = html.escape
+    head = "".join(f"<th>{esc(label)}</th>" for label, _ in columns)
+    with_change = len(columns) == 2
+    head += "<th>change</th>" if with_change else ""
+    body = []
+    for key in TABLE_KEYS:
+        values = [metrics.get(key) for _, metrics in columns]
+        if all(v is None for v in values) and key != "fgd":
+            continue
+        cells = "".join(f"<td>{_format_value(v)}</td>" for v in values)
+        if with_change:
+            a, b = values
+            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+                delta = b - a
+                better = delta < 0 if key == "fgd" else delta > 0
+                css = "" if delta == 0 or key.startswith("num_") else (' class="up"' if better else ' class="down"')
+                cells += f"<td{css}>{delta:+d}</td>" if isinstance(delta, int) else f"<td{css}>{delta:+.4f}</td>"
+            else:
+                cells += "<td>n/a</td>"
+        body.append(f"<tr><td>{esc(METRIC_LABELS.get(key, key))}</td>{cells}</tr>")
+    notes = "".join(f'<div class="note">{esc(label)}: {esc(m["fgd_note"])}</div>'
+                    for label, m in columns if m.get("fgd_note"))
+    return (f'<div><h3>{esc(heading)}</h3><table class="metrics"><thead><tr><th>metric</th>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table>{notes}</div>')
+
+
+def render_row(row: GalleryRow, roots: list[Path]) -> str:
+    esc = html.escape
+    uri, why = thumbnail_data_uri(find_image(row.name, roots))
+    image = (f'<img class="thumb" src="{uri}" alt="{esc(row.name)}" loading="lazy">' if uri
+             else f'<div class="missing" title="{esc(why)}">no image</div>')
+    base = ""
+    if row.base is not None:
+        score = f" (CIDEr-D {row.base_cider:.3f})" if row.base_cider is not None else ""
+        base = f'<div class="base">base model: {esc(row.base)}{score}</div>'
+    gain = row.cider - row.base_cider if row.base_cider is not None else 0.0
+    refs = "".join(f"<li>{esc(ref)}</li>" for ref in row.references)
+    return (f'<tr class="row" data-name="{esc(row.name)}" data-cider="{row.cider:.6g}" data-bleu4="{row.bleu_4:.6g}" '
+            f'data-gain="{gain:.6g}"><td>{image}</td><td><div class="name">{esc(row.name)}</div>'
+            f'<div class="pred">{esc(row.prediction)}</div>{base}</td><td><ul class="refs">{refs}</ul></td>'
+            f'<td class="num">{row.cider:.3f}</td><td class="num">{row.bleu_4:.3f}</td></tr>')
+
+
+def render_gallery(data: ReportData, roots: list[Path]) -> str:
+    has_base = any(row.base_cider is not None for row in data.rows)
+    options = [("cider-asc", "CIDEr-D, worst first"), ("cider-desc", "CIDEr-D, best first"),
+               ("bleu4-asc", "BLEU-4, worst first"), ("bleu4-desc", "BLEU-4, best first"), ("name-asc", "file name")]
+    if has_base:
+        options.insert(2, ("gain-asc", "CIDEr-D change vs base, most worse first"))
+    select = "".join(f'<option value="{value}">{label}</option>' for value, label in options)
+    rows = "".join(render_row(row, roots) for row in data.rows)
+    shown = len(data.rows)
+    return (f'<h2>Gallery</h2><p class="sub" id="gallery-count">Showing {shown} of {data.num_scored} scored images'
+            + (f" (the {GALLERY_WORST} worst and {GALLERY_BEST} best by CIDEr-D, and {GALLERY_RANDOM} at random)"
+               if shown < data.num_scored else "")
+            + '.</p><p class="note">Per-image CIDEr-D uses the document frequencies of the whole evaluated set (the '
+              'per-image values average to the corpus CIDEr-D). Per-image BLEU-4 is pycocoevalcap\'s sentence-level '
+              'BLEU; the corpus BLEU-4 above pools n-gram counts over all images and is not their mean.</p>'
+            f'<div class="controls"><label>Sort <select id="sort">{select}</select></label> '
+            f'<label>Search <input id="query" type="search" placeholder="caption, reference or file name"></label> '
+            f'<span class="note"><span id="visible-count">{shown}</span> rows shown</span></div>'
+            f'<table class="gallery"><thead><tr><th>image</th><th>caption</th><th>references</th><th>CIDEr-D</th>'
+            f'<th>BLEU-4</th></tr></thead><tbody id="gallery-body">{rows}</tbody></table>')
+
+
+def render_report(data: ReportData, roots: list[Path]) -> str:
+    esc = html.escape
+    tables = "".join(render_metrics_table(heading, columns) for heading, columns in data.tables)
+    plots = ("<h2>Training</h2>" + '<div class="plots">' + "".join(data.plots) + "</div>"
+             '<p class="note">Caption metrics during training: before training at step 0, after training (the model '
+             "saved as final_model, i.e. the best checkpoint) at the last step, and at each evaluation in between "
+             "when training ran with --metric_for_best_model set to a caption metric.</p>") if data.plots else ""
+    notes = "".join(f'<p class="note">{esc(note)}</p>' for note in data.notes)
+    subtitle = "".join(f'<p class="sub">{esc(line)}</p>' for line in data.subtitle)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{esc(data.title)}</title><style>{STYLE}</style></head>\n<body>"
+            f'<h1>{esc(data.title)}</h1>{subtitle}<h2>Metrics</h2><div class="tables">{tables}</div>{notes}{plots}'
+            f"{render_gallery(data, roots)}<script>{SCRIPT}</script></body></html>\n")
+
+
+# ---------------------------------------------------------------------------
+# Writers called by --eval and --train; a failure is a warning, never the end of the mode
+# ---------------------------------------------------------------------------
+
+
+def _write(path: Path, data: ReportData, roots: list[Path], start: float) -> Path | None:
+    try:
+        write_text_atomic(path, render_report(data, roots))
+    except Exception as error:  # noqa: BLE001 - the report is an extra; the metrics are already written
+        logger.warning("Could not write the HTML report %s: %s: %s", path, type(error).__name__, error)
+        return None
+    logger.info("Wrote %s (%d images shown, %.0f KB, %.1f s)", path, len(data.rows),
+                path.stat().st_size / 1024, time.perf_counter() - start)
+    return path
+
+
+def _training_tables(training: dict, heading: str) -> list:
+    if training.get("before") and training.get("after"):
+        return [(heading, [("before training", training["before"]), ("after training", training["after"])])]
+    return []
+
+
+def build_eval_report(run_dir: Path, predictions: dict[str, str], references: dict[str, list[str]],
+                      metrics: dict, info: dict, seed: int = 0) -> ReportData:
+    """The --eval page: its metrics, the run's base captions when they exist, the run's training records."""
+    run_dir = Path(run_dir)
+    base_captions = {name: r["before"] for name, r in read_val_predictions(run_dir / VAL_PREDICTIONS_NAME).items()
+                     if r["before"]}
+    base = align_names(base_captions, references) if base_captions else {}
+    rows, scores, base_metrics = build_gallery(predictions, references, base, seed)
+    label = "this evaluation"
+    columns = [("base model", {**base_metrics, "fgd": None}), (label, metrics)] if base_metrics else [(label, metrics)]
+    training = read_json(run_dir / "metrics.json")
+    tables = [("Evaluated images", columns)] + _training_tables(training, "Validation images during training")
+    source = info.get("model") or info.get("predictions_file") or ""
+    subtitle = [f"--eval of {source}" if source else "--eval",
+                *(f"{k}: {info[k]}" for k in ("test_dir", "captions_file") if info.get(k)),
+                f"written {datetime.now().isoformat(timespec='seconds')}"]
+    notes = []
+    if base and not base_metrics:
+        notes.append("The base model's captions (from val_predictions.csv) cover only some of these images, "
+                     "so they are shown without base-model metrics.")
+    history = read_train_history(run_dir)
+    return ReportData("Caption report", subtitle, tables, rows, len(scores), build_plots(history, training) if
+                      (history or training) else [], notes)
+
+
+def write_eval_report(config, predictions: dict[str, str], references: dict[str, list[str]], metrics: dict,
+                      info: dict) -> Path | None:
+    """OUTPUT_DIR/report.html for --eval; images are looked up under --test_dir, then beside the captions file
+    and the predictions file (names such as "test/a.jpg" are relative to the captions file's folder)."""
+    start, out = time.perf_counter(), Path(config.output_dir)
+    roots = [Path(p) for p in (config.test_dir, config.captions_file and Path(config.captions_file).parent,
+                               config.predictions_file and Path(config.predictions_file).parent) if p]
+    try:
+        data = build_eval_report(out, predictions, references, metrics, info, config.seed)
+    except Exception as error:  # noqa: BLE001
+        logger.warning("Could not build the HTML report: %s: %s", type(error).__name__, error)
+        return None
+    return _write(out / REPORT_NAME, data, roots, start)
+
+
+def write_training_report(run_dir: Path, val_dir: Path, references: dict[str, list[str]], seed: int = 0) -> Path | None:
+    """RUN/report.html at the end of --train, from the run's own records: metrics.json, val_predictions.csv and
+    train_history.json."""
+    start, run_dir = time.perf_counter(), Path(run_dir)
+    try:
+        training = read_json(run_dir / "metrics.json")
+        captions = read_val_predictions(run_dir / VAL_PREDICTIONS_NAME)
+        after = {name: r["after"] for name, r in captions.items() if name in references}
+        before = {name: r["before"] for name, r in captions.items() if name in references and r["before"]}
+        rows, scores, _ = build_gallery(after, references, before, seed)
+        subtitle = [f"--train run {run_dir.name}: validation images of {val_dir}, captioned after training",
+                    f"written {datetime.now().isoformat(timespec='seconds')}"]
+        tables = (_training_tables(training, "Validation images")
+                  or [("Validation images", [("after training", training.get("after") or {})])])
+        data = ReportData("Caption report", subtitle, tables, rows, len(scores),
+                          build_plots(read_train_history(run_dir), training))
+    except Exception as error:  # noqa: BLE001
+        logger.warning("Could not build the HTML report: %s: %s", type(error).__name__, error)
+        return None
+    return _write(run_dir / REPORT_NAME, data, [Path(val_dir)], start)
