@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
@@ -18,6 +19,7 @@ from models.git_qlora import (
 )
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
 from utils.dataset_utils import CaptionCollator, CaptionDataset, Example, collect_examples, split_by_image
+from utils.distributed import world_size
 from utils.errors import UserInputError
 from utils.io import replace_folder_atomically, write_json_atomic
 
@@ -26,10 +28,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DataSplits:
-    train_dir: Path
+    train_dir: Path | object  # an image folder, or an image source such as hf_datasets.DatasetImages
     train: list[Example]
-    val_dir: Path
+    val_dir: Path | object | None
     val: list[Example]
+    train_stream: object | None = None  # --streaming: an IterableDataset used instead of train/train_dir
 
 
 def library_versions() -> dict:
@@ -65,8 +68,30 @@ def prepare_run_dir(config: Config) -> tuple[Config, Path]:
     return config, run_dir
 
 
+def load_dataset_splits(config: Config) -> DataSplits:
+    """--dataset: training rows (or a stream), validation from --test_dir, an eval split or a hold-out."""
+    from utils.hf_datasets import DatasetSpec, load_streaming_train, load_train_and_eval
+
+    spec = DatasetSpec.from_config(config)
+    if config.streaming:
+        stream, val = load_streaming_train(spec)
+        train = None
+    else:
+        train, val = load_train_and_eval(spec)
+    if config.test_dir is not None:
+        val_examples = collect_examples(config.test_dir, None, flag="--test_dir")
+        val_dir = Path(config.test_dir)
+    else:
+        val_examples, val_dir = (val.examples, val.images) if val is not None else ([], None)
+    if train is None:
+        return DataSplits(None, [], val_dir, val_examples, train_stream=stream)
+    return DataSplits(train.images, train.examples, val_dir, val_examples)
+
+
 def load_splits(config: Config) -> DataSplits:
     """Training examples, plus validation from --test_dir or a held-out share of the training images."""
+    if config.dataset is not None:
+        return load_dataset_splits(config)
     examples = collect_examples(config.train_dir, config.captions_file, flag="--train_dir")
     if config.test_dir is not None:
         val = collect_examples(config.test_dir, config.captions_file, flag="--test_dir")
@@ -109,6 +134,14 @@ class CaptionTrainer(Trainer):
     def __init__(self, *args, caption_scorer: CaptionScorer | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.caption_scorer = caption_scorer
+
+    def get_train_dataloader(self):
+        # A stream that splits itself across ranks (hf_datasets.StreamingCaptionDataset) must not be split
+        # again, or dispatched from rank 0, by Accelerate.
+        if getattr(self.train_dataset, "split_by_rank", False) and world_size() > 1:
+            return DataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
+                              num_workers=self.args.dataloader_num_workers)
+        return super().get_train_dataloader()
 
     def evaluate(self, *args, **kwargs):
         metrics = super().evaluate(*args, **kwargs)
@@ -191,7 +224,7 @@ def write_run_config(config: Config, run_dir: Path, device: str, splits: DataSpl
     settings.update(
         base_model=config.model_name, device=device, precision=describe_precision(config, device),
         library_versions=library_versions(), created=datetime.now().isoformat(timespec="seconds"),
-        num_train_examples=len(splits.train), num_val_examples=len(splits.val),
+        num_train_examples=None if splits.train_stream else len(splits.train), num_val_examples=len(splits.val),
         val_dir=str(splits.val_dir) if splits.val else None,
         val_images=sorted({e.image_name for e in splits.val}),
     )
@@ -248,7 +281,7 @@ def build_trainer(config, run_dir, model, processor, splits, scorer, device):
     trainer = CaptionTrainer(
         model=model,
         args=args,
-        train_dataset=CaptionDataset(splits.train_dir, splits.train),
+        train_dataset=splits.train_stream or CaptionDataset(splits.train_dir, splits.train),
         eval_dataset=CaptionDataset(splits.val_dir, splits.val) if splits.val else None,
         data_collator=CaptionCollator(processor, config.max_length),
         callbacks=[tensorboard, timer],
