@@ -128,6 +128,13 @@ class CaptionScorer:
         return compute_caption_metrics(predictions, self.references), predictions
 
 
+class _EpochDataLoader(DataLoader):
+    """A DataLoader the Trainer can tell the epoch, so a streamed dataset reshuffles each pass."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+
 class CaptionTrainer(Trainer):
     """A Trainer whose evaluation also reports caption metrics, so --metric_for_best_model can pick by them."""
 
@@ -139,8 +146,8 @@ class CaptionTrainer(Trainer):
         # A stream that splits itself across ranks (hf_datasets.StreamingCaptionDataset) must not be split
         # again, or dispatched from rank 0, by Accelerate.
         if getattr(self.train_dataset, "split_by_rank", False) and world_size() > 1:
-            return DataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
-                              num_workers=self.args.dataloader_num_workers)
+            return _EpochDataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
+                                    num_workers=self.args.dataloader_num_workers)
         return super().get_train_dataloader()
 
     def evaluate(self, *args, **kwargs):

@@ -191,6 +191,15 @@ def test_streaming_ranks_read_disjoint_shards(webdataset_shards):
     assert sorted(map(sorted, parities)) == [[0], [1]]
 
 
+def test_streaming_reshuffles_each_pass(webdataset_shards):
+    stream, _ = load_streaming_train(DatasetSpec(str(webdataset_shards / "shard-*.tar"), streaming=True, shuffle_buffer=8))
+    first = [item["image_name"] for item in stream]
+    assert first == [item["image_name"] for item in stream]  # the same pass, the same order
+    stream.set_epoch(1)
+    second = [item["image_name"] for item in stream]
+    assert sorted(first) == sorted(second) and first != second
+
+
 def test_streaming_skips_corrupt_rows(parquet_dir, caplog):
     stream, val = load_streaming_train(DatasetSpec(str(parquet_dir), streaming=True, id_column="file_name", shuffle_buffer=0))
     with caplog.at_level(logging.WARNING):
@@ -331,3 +340,19 @@ def test_fgd_encoder_offline_gives_a_note_in_seconds():
     result = compute_fgd(["a red circle", "a blue square"], ["a red circle", "a green star"], "thenlper/gte-small")
     assert result["fgd"] is None and "HF_HUB_OFFLINE" in result["fgd_note"]
     assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("source", ["webdataset", "save_to_disk"])
+def test_training_on_webdataset_and_saved_dataset(source, webdataset_shards, data_dir, tiny_model_dir, tmp_path):
+    if source == "webdataset":
+        args = ["--dataset", str(webdataset_shards / "shard-*.tar"), "--caption_column", "json"]
+    else:
+        import datasets
+
+        rows = _rows(data_dir, "train")
+        datasets.Dataset.from_dict({"image": [str(data_dir / "train" / n) for n, _, _ in rows],
+                                    "caption": [c[0] for *_, c in rows]}).cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "saved"))
+        args = ["--dataset", str(tmp_path / "saved")]
+    assert main(_dataset_cmd(tiny_model_dir, tmp_path, "--run_name", source, *args)) == 0
+    settings = json.loads((tmp_path / source / "run_config.json").read_text())
+    assert settings["num_train_examples"] + settings["num_val_examples"] == (72 if source == "webdataset" else 24)

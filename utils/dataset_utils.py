@@ -440,7 +440,9 @@ def decode_image(source) -> tuple[Image.Image | None, str | None]:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return None, f"too many pixels (decompression bomb guard): {err}"
     except Exception as err:  # noqa: BLE001 - Pillow decoders raise many types on corrupt input
-        return None, f"cannot read image ({type(err).__name__}: {err})"
+        # Bytes have no file name: Pillow would name the buffer object ("<_io.BytesIO object at 0x...>").
+        message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image bytes", str(err))
+        return None, f"cannot read image ({type(err).__name__}: {message})"
 
 
 class FolderImages:

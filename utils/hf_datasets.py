@@ -82,7 +82,9 @@ def _builder_for(files: list[str], name: str) -> str:
             f"(found e.g. {', '.join(Path(f).name for f in files[:3]) or 'nothing'}). For a folder of images "
             "with a captions file use --train_dir / --test_dir instead."
         )
-    return max(counts, key=counts.get)
+    # Ties go to the image-carrying format: img2dataset writes one metadata .parquet per .tar shard.
+    priority = ("webdataset", "parquet", "arrow", "json", "csv")
+    return max(counts, key=lambda b: (counts[b], -priority.index(b)))
 
 
 def _local_load_args(name: str) -> tuple[tuple, dict, list[Path]] | None:
@@ -96,6 +98,8 @@ def _local_load_args(name: str) -> tuple[tuple, dict, list[Path]] | None:
         return (_builder_for(files, name),), {"data_files": {"train": files}}, bases
     if path.is_file():
         return (_builder_for([str(path)], name),), {"data_files": {"train": [str(path)]}}, [path.parent]
+    if path.suffix.lower() in BUILDERS and not path.exists():
+        raise UserInputError(f"--dataset {name}: no such file. Check the path.")
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             return ("disk",), {"path": str(path)}, [path]
