@@ -76,6 +76,9 @@ def load_dataset_splits(config: Config) -> DataSplits:
     if config.streaming:
         stream, val = load_streaming_train(spec)
         train = None
+        if config.eval_steps is None:
+            logger.warning("--streaming without --eval_steps: validation and checkpoints happen only when a pass over "
+                           "the stream ends; pass --eval_steps N to validate and checkpoint every N steps.")
     else:
         train, val = load_train_and_eval(spec)
     if config.test_dir is not None:

@@ -329,6 +329,9 @@ def test_cached_model_is_used_offline_when_the_hub_is_unreachable(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(utils.hub, "hub_unreachable_reason", lambda: "ConnectError: simulated")
     monkeypatch.setattr(utils.hub, "is_cached", lambda repo_id, repo_type="model": True)
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)  # restored afterwards
     utils.hub.check_hub_name("microsoft/git-base", "--model_name")  # no error: the cache is read, offline
     assert constants.HF_HUB_OFFLINE is True
 
@@ -356,3 +359,15 @@ def test_training_on_webdataset_and_saved_dataset(source, webdataset_shards, dat
     assert main(_dataset_cmd(tiny_model_dir, tmp_path, "--run_name", source, *args)) == 0
     settings = json.loads((tmp_path / source / "run_config.json").read_text())
     assert settings["num_train_examples"] + settings["num_val_examples"] == (72 if source == "webdataset" else 24)
+
+
+def test_img2dataset_folder_reads_the_shards_not_the_metadata(webdataset_shards, tmp_path):
+    # img2dataset writes 00000.tar, 00000.parquet (metadata, no images) and 00000_stats.json per shard.
+    import shutil
+
+    for index, shard in enumerate(sorted(webdataset_shards.glob("*.tar"))):
+        shutil.copy(shard, tmp_path / f"{index:05d}.tar")
+        pq.write_table(pa.table({"key": ["x"], "caption": ["y"], "status": ["success"]}), tmp_path / f"{index:05d}.parquet")
+        (tmp_path / f"{index:05d}_stats.json").write_text(json.dumps({"count": 12}))
+    split = load_eval_split(DatasetSpec(str(tmp_path), eval_split="train"))
+    assert len(split.images.names()) == 24 and split.images.load("img_00004")[0] is not None

@@ -87,28 +87,40 @@ def _builder_for(files: list[str], name: str) -> str:
     return max(counts, key=lambda b: (counts[b], -priority.index(b)))
 
 
-def _local_load_args(name: str) -> tuple[tuple, dict, list[Path]] | None:
-    """(load_dataset args, kwargs, folders that relative image paths are resolved in), or None for a hub id."""
+def _local_load_args(name: str) -> tuple[str, dict, list[Path]] | None:
+    """(builder, load_dataset kwargs, folders that relative image paths are resolved in), or None for a hub id.
+    The builder "disk" means a folder written by save_to_disk."""
     path = Path(name).expanduser()
     if any(c in name for c in GLOB_CHARS):
         files = sorted(f for f in glob.glob(str(path), recursive=True) if Path(f).is_file())
         if not files:
             raise UserInputError(f"--dataset {name} matches no file. Check the pattern (quote it so the shell leaves it alone).")
         bases = sorted({Path(f).parent for f in files})
-        return (_builder_for(files, name),), {"data_files": {"train": files}}, bases
+        return _builder_for(files, name), {"data_files": {"train": files}}, bases
     if path.is_file():
-        return (_builder_for([str(path)], name),), {"data_files": {"train": [str(path)]}}, [path.parent]
+        return _builder_for([str(path)], name), {"data_files": {"train": [str(path)]}}, [path.parent]
     if path.suffix.lower() in BUILDERS and not path.exists():
         raise UserInputError(f"--dataset {name}: no such file. Check the path.")
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            return ("disk",), {"path": str(path)}, [path]
+            return "disk", {}, [path]
         files = [str(p) for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
         data = [f for f in files if Path(f).suffix.lower() in BUILDERS and Path(f).name != "metadata.jsonl"]
         if not data and any(Path(f).name in ("metadata.jsonl", "metadata.csv") for f in files):
-            return ("imagefolder",), {"data_dir": str(path)}, [path]  # the imagefolder layout: images + metadata
-        return (_builder_for(data, name),), {"data_dir": str(path)}, sorted({Path(f).parent for f in data} | {path})
+            return "imagefolder", {"data_dir": str(path)}, [path]  # the imagefolder layout: images + metadata
+        builder = _builder_for(data, name)
+        return builder, {"data_files": _split_files(path, builder)}, sorted({Path(f).parent for f in data} | {path})
     return None
+
+
+def _split_files(folder: Path, builder: str) -> dict[str, list[str]]:
+    """Files of one format per split, named as `datasets` names them (train-*.parquet, test/*.jsonl, ...);
+    the other files (img2dataset's metadata .parquet and _stats.json beside its shards) are left out."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    extensions = [ext for ext, b in BUILDERS.items() if b == builder]
+    found = DataFilesDict.from_patterns(get_data_patterns(str(folder)), str(folder), allowed_extensions=extensions)
+    return {str(split): list(files) for split, files in found.items() if files}
 
 
 def _load(spec: DatasetSpec):
@@ -118,18 +130,18 @@ def _load(spec: DatasetSpec):
     local = _local_load_args(spec.name)
     if local is None:
         check_hub_name(spec.name, "--dataset", repo_type="dataset", local_hint="a local file, folder or glob")
-        args, kwargs, bases = (spec.name,), {"name": spec.config_name}, []
+        builder, kwargs, bases = spec.name, {"name": spec.config_name}, []
     else:
-        args, kwargs, bases = local
+        builder, kwargs, bases = local
     try:
-        if args == ("disk",):
-            loaded = datasets.load_from_disk(kwargs["path"])
+        if builder == "disk":
+            loaded = datasets.load_from_disk(str(Path(spec.name).expanduser()))
             if isinstance(loaded, datasets.Dataset):
                 loaded = datasets.DatasetDict({"train": loaded})
             if spec.streaming:  # already on disk and memory-mapped; streamed only for the same code path
                 loaded = datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in loaded.items()})
             return loaded, bases
-        return datasets.load_dataset(*args, streaming=spec.streaming, **kwargs), bases
+        return datasets.load_dataset(builder, streaming=spec.streaming, **kwargs), bases
     except (FileNotFoundError, ValueError, OSError) as error:
         raise UserInputError(f"--dataset {spec.name} cannot be read: {str(error).splitlines()[0]}") from None
 
