@@ -371,3 +371,48 @@ def test_img2dataset_folder_reads_the_shards_not_the_metadata(webdataset_shards,
         (tmp_path / f"{index:05d}_stats.json").write_text(json.dumps({"count": 12}))
     split = load_eval_split(DatasetSpec(str(tmp_path), eval_split="train"))
     assert len(split.images.names()) == 24 and split.images.load("img_00004")[0] is not None
+
+
+RANK_SCRIPT = '''
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from git_qlora_main import build_config, build_parser
+from models.git_qlora import load_base_model, load_processor, prepare_for_training
+from scripts.trainer import build_trainer, load_splits
+
+shards, model_dir, out = sys.argv[2:5]
+rank = int(os.environ["RANK"])
+config = build_config(build_parser().parse_args([
+    "--train", "--dataset", shards, "--streaming", "--max_steps", "3", "--model_name", model_dir, "--output_dir", out,
+    "--batch_size", "2", "--num_workers", "0", "--fgd_model", "none", "--shuffle_buffer", "0"]))
+run_dir = Path(out) / f"rank{rank}"  # the CLI's run-folder agreement between ranks is issue 9's
+run_dir.mkdir(parents=True, exist_ok=True)
+splits = load_splits(config)
+model = prepare_for_training(load_base_model(config, "cpu"), config)
+trainer, _ = build_trainer(config, run_dir, model, load_processor(config.model_name), splits, None, "cpu")
+seen, collate = [], trainer.data_collator
+trainer.data_collator = lambda batch: seen.extend(item["image_name"] for item in batch) or collate(batch)
+steps = trainer.train().global_step
+(Path(out) / f"seen{rank}.json").write_text(json.dumps({"seen": seen, "steps": steps}))
+'''
+
+
+def test_two_processes_train_on_disjoint_shards(webdataset_shards, tiny_model_dir, tmp_path):
+    """torchrun, 2 CPU ranks, the real build_trainer: each rank trains on its own shard (Accelerate would
+    otherwise dispatch rank 0's batches to both)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "rank_check.py"
+    script.write_text(RANK_SCRIPT)
+    repo = str(Path(__file__).resolve().parents[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), repo,
+               str(webdataset_shards / "shard-*.tar"), str(tiny_model_dir), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"seen{rank}.json").read_text()) for rank in (0, 1)]
+    assert [s["steps"] for s in seen] == [3, 3]
+    parities = [{int(name[-5:]) % 2 for name in s["seen"]} for s in seen]
+    assert sorted(map(sorted, parities)) == [[0], [1]]  # one whole shard each, none shared
