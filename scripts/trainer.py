@@ -82,7 +82,7 @@ def load_dataset_splits(config: Config) -> DataSplits:
     else:
         train, val = load_train_and_eval(spec)
     if config.test_dir is not None:
-        val_examples = collect_examples(config.test_dir, None, flag="--test_dir")
+        val_examples = collect_examples(config.test_dir, config.captions_file, flag="--test_dir")
         val_dir = Path(config.test_dir)
     else:
         val_examples, val_dir = (val.examples, val.images) if val is not None else ([], None)
@@ -234,7 +234,7 @@ def write_run_config(config: Config, run_dir: Path, device: str, splits: DataSpl
     settings.update(
         base_model=config.model_name, device=device, precision=describe_precision(config, device),
         library_versions=library_versions(), created=datetime.now().isoformat(timespec="seconds"),
-        num_train_examples=None if splits.train_stream else len(splits.train), num_val_examples=len(splits.val),
+        num_train_examples=None if splits.train_stream is not None else len(splits.train), num_val_examples=len(splits.val),
         val_dir=str(splits.val_dir) if splits.val else None,
         val_images=sorted({e.image_name for e in splits.val}),
     )
@@ -291,7 +291,7 @@ def build_trainer(config, run_dir, model, processor, splits, scorer, device):
     trainer = CaptionTrainer(
         model=model,
         args=args,
-        train_dataset=splits.train_stream or CaptionDataset(splits.train_dir, splits.train),
+        train_dataset=splits.train_stream if splits.train_stream is not None else CaptionDataset(splits.train_dir, splits.train),
         eval_dataset=CaptionDataset(splits.val_dir, splits.val) if splits.val else None,
         data_collator=CaptionCollator(processor, config.max_length),
         callbacks=[tensorboard, timer],

@@ -347,8 +347,9 @@ def test_fgd_encoder_offline_gives_a_note_in_seconds():
 
 @pytest.mark.parametrize("source", ["webdataset", "save_to_disk"])
 def test_training_on_webdataset_and_saved_dataset(source, webdataset_shards, data_dir, tiny_model_dir, tmp_path):
-    if source == "webdataset":
-        args = ["--dataset", str(webdataset_shards / "shard-*.tar"), "--caption_column", "json"]
+    if source == "webdataset":  # validation from a folder + captions file, as with --train_dir
+        args = ["--dataset", str(webdataset_shards / "shard-*.tar"), "--caption_column", "json",
+                "--test_dir", str(data_dir / "test"), "--captions_file", str(data_dir / "captions.csv")]
     else:
         import datasets
 
@@ -358,7 +359,11 @@ def test_training_on_webdataset_and_saved_dataset(source, webdataset_shards, dat
         args = ["--dataset", str(tmp_path / "saved")]
     assert main(_dataset_cmd(tiny_model_dir, tmp_path, "--run_name", source, *args)) == 0
     settings = json.loads((tmp_path / source / "run_config.json").read_text())
-    assert settings["num_train_examples"] + settings["num_val_examples"] == (72 if source == "webdataset" else 24)
+    if source == "webdataset":
+        assert (settings["num_train_examples"], settings["num_val_examples"]) == (72, 24)
+        assert settings["val_dir"] == str(data_dir / "test")
+    else:
+        assert settings["num_train_examples"] + settings["num_val_examples"] == 24
 
 
 def test_img2dataset_folder_reads_the_shards_not_the_metadata(webdataset_shards, tmp_path):

@@ -179,7 +179,7 @@ def _check_dataset_flags(config: Config, problems: list[str]) -> None:
         if given:
             problems.append(f"{', '.join(given)} only apply with --dataset; add --dataset or leave them out.")
         return
-    if config.captions_file is not None:
+    if config.captions_file is not None and config.test_dir is None:
         problems.append("--captions_file is for folders; with --dataset the captions come from --caption_column.")
     if config.streaming and config.mode != "train":
         problems.append("--streaming applies to --train; --eval and --inference read --eval_split (downloaded once, then cached).")
