@@ -80,7 +80,7 @@ def load_dataset_splits(config: Config) -> DataSplits:
             logger.warning("--streaming without --eval_steps: validation and checkpoints happen only when a pass over "
                            "the stream ends; pass --eval_steps N to validate and checkpoint every N steps.")
     else:
-        train, val = load_train_and_eval(spec)
+        train, val = load_train_and_eval(spec, hold_out=config.test_dir is None)
     if config.test_dir is not None:
         val_examples = collect_examples(config.test_dir, config.captions_file, flag="--test_dir")
         val_dir = Path(config.test_dir)

@@ -319,8 +319,9 @@ def _hold_out(split: DatasetSplit, spec: DatasetSpec, keep: str) -> DatasetSplit
     return DatasetSplit(split.images, train if keep == "train" else val)
 
 
-def load_train_and_eval(spec: DatasetSpec) -> tuple[DatasetSplit, DatasetSplit | None]:
-    """--train: the training split, and validation from --eval_split, validation/test, or a --split_ratio hold-out."""
+def load_train_and_eval(spec: DatasetSpec, hold_out: bool = True) -> tuple[DatasetSplit, DatasetSplit | None]:
+    """--train: the training split, and validation from --eval_split, validation/test, or a --split_ratio hold-out
+    (hold_out False: no validation from the dataset, e.g. when --test_dir gives it)."""
     loaded, bases = _load(spec)
     splits = list(loaded)
     _require_split(splits, spec.train_split, spec)
@@ -331,6 +332,8 @@ def load_train_and_eval(spec: DatasetSpec) -> tuple[DatasetSplit, DatasetSplit |
     if eval_name is not None:
         val = read_split(loaded[eval_name], columns, eval_name, bases, f"{spec.name} [{eval_name}]")
         return train, val
+    if not hold_out:
+        return train, None
     logger.info("--dataset %s has no validation split: holding out %.0f%% of its images (--split_ratio).",
                 spec.name, 100 * spec.split_ratio)
     return _hold_out(train, spec, "train"), _hold_out(train, spec, "val")
