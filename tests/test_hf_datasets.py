@@ -320,19 +320,27 @@ def test_failed_hub_run_leaves_no_run_folder(tmp_path, tiny_model_dir):
     assert not (tmp_path / "hub").exists()
 
 
-def test_cached_model_is_used_offline_when_the_hub_is_unreachable(monkeypatch):
+def test_cached_model_is_used_offline_when_the_hub_is_unreachable(monkeypatch, tmp_path, tiny_model_dir):
+    import shutil
+
+    import datasets
     from huggingface_hub import constants
 
     import utils.hub
 
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    # A hub cache holding someorg/tiny-git (the layout huggingface_hub writes: refs/main -> snapshots/<commit>).
+    repo = tmp_path / "models--someorg--tiny-git"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # an online user whose network is down
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)  # restored afterwards
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(utils.hub, "hub_unreachable_reason", lambda: "ConnectError: simulated")
-    monkeypatch.setattr(utils.hub, "is_cached", lambda repo_id, repo_type="model": True)
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)  # restored afterwards
-    utils.hub.check_hub_name("microsoft/git-base", "--model_name")  # no error: the cache is read, offline
+    with pytest.raises(UserInputError, match="cannot be reached"):
+        utils.hub.check_hub_name("someorg/not-cached", "--model_name")
+    utils.hub.check_hub_name("someorg/tiny-git", "--model_name")  # no error: the cached copy is used, offline
     assert constants.HF_HUB_OFFLINE is True
 
 
