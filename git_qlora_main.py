@@ -35,6 +35,16 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--predictions_file", type=Path, help="--inference: where to write captions (default RUN/captions.csv); --eval: captions to score")
     g.add_argument("--split_ratio", type=float, default=0.1, help="share of training images held out for validation when there is no --test_dir")
     g.add_argument("--max_length", type=int, default=40, help="caption length in tokens; longer captions are truncated")
+    d = parser.add_argument_group("data from Hugging Face datasets (instead of --train_dir / --test_dir)")
+    d.add_argument("--dataset", help="hub dataset id, local folder or file of parquet/arrow/JSONL, or a glob of WebDataset .tar shards ('shards/*.tar')")
+    d.add_argument("--dataset_config", help="the dataset's configuration name (hub datasets with several)")
+    d.add_argument("--train_split", default="train", help="split to train on")
+    d.add_argument("--eval_split", help="split for validation, --eval and --inference (default: validation or test if present, else a --split_ratio hold-out of --train_split)")
+    d.add_argument("--image_column", help="column holding the image: Image feature, {bytes, path}, raw bytes or a path (default: image, jpg, png, webp, ...)")
+    d.add_argument("--caption_column", help="column holding the caption; a list is several references (default: text, caption, captions, txt, sentences, json)")
+    d.add_argument("--id_column", help="column naming each image in captions.csv and eval_predictions.csv (default: WebDataset __key__, else SPLIT/row number)")
+    d.add_argument("--streaming", action="store_true", help="--train reads the dataset as it goes, without downloading it all (needs --max_steps)")
+    d.add_argument("--shuffle_buffer", type=int, default=1000, help="--streaming: examples held for shuffling (0 or 1: stream order)")
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig
 
 from utils.config import Config
 from utils.errors import UserInputError
+from utils.hub import check_hub_name
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ def describe_precision(config: Config, device: str, training: bool = True) -> st
 
 
 def load_processor(model_name: str, trust_remote_code: bool = False):
+    check_hub_name(model_name, "--model_name", local_hint="a local GIT checkpoint folder")
     try:
         return AutoProcessor.from_pretrained(model_name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
@@ -123,6 +125,7 @@ def load_processor(model_name: str, trust_remote_code: bool = False):
 
 def load_base_model(config: Config, device: str, quantize: bool = True):
     """The base GitForCausalLM, quantized as the config says (quantize=False: full precision, for merging)."""
+    check_hub_name(config.model_name, "--model_name", local_hint="a local GIT checkpoint folder")
     quantization = build_quantization_config(config, device) if quantize else None
     dtype = resolve_base_dtype(config, device) if quantize else torch.float32
     try:

@@ -6,7 +6,7 @@ from pathlib import Path
 from models.git_qlora import resolve_device
 from scripts.inference import caption_folder, load_caption_model
 from scripts.report import write_eval_report
-from utils.dataset_utils import collect_examples, read_captions_file
+from utils.dataset_utils import Example, collect_examples, read_captions_file
 from utils.evaluation import align_names, format_metrics_table, score_captions
 from utils.io import read_predictions_file, write_json_atomic, write_predictions_csv
 
@@ -21,26 +21,41 @@ def _names_as_listed(names: list[str], captions_file: Path | None, folder: Path)
     return {name: prefixed[name] if name not in listed and prefixed[name] in listed else name for name in names}
 
 
-def _caption_run_images(config) -> tuple[dict[str, str], dict[str, list[str]], dict]:
-    """Caption --test_dir with the run's (or --model_name's) model; references from --captions_file."""
+def _images_and_references(config) -> tuple[object, list[Example], str]:
+    """(image folder or source, examples, what they are): --test_dir + --captions_file, or --dataset's --eval_split."""
+    if config.dataset is not None:
+        from utils.hf_datasets import DatasetSpec, load_eval_split
+
+        split = load_eval_split(DatasetSpec.from_config(config))
+        return split.images, split.examples, str(split.images)
     examples = collect_examples(Path(config.test_dir), config.captions_file, flag="--test_dir")
+    return Path(config.test_dir), examples, str(config.test_dir)
+
+
+def _caption_run_images(config) -> tuple[dict[str, str], dict[str, list[str]], dict, object]:
+    """Caption --test_dir or --dataset with the run's (or --model_name's) model; references from the captions."""
+    source, examples, label = _images_and_references(config)
     references: dict[str, list[str]] = {}
     for example in examples:
         references.setdefault(example.image_name, []).append(example.caption)
     model, processor, config, description = load_caption_model(config)
-    logger.info("Evaluating %s on %d images of %s", description, len(references), config.test_dir)
+    logger.info("Evaluating %s on %d images of %s", description, len(references), label)
     result = caption_folder(
-        model, processor, Path(config.test_dir), sorted(references), config.batch_size, config.generation_tokens,
+        model, processor, source, sorted(references), config.batch_size, config.generation_tokens,
         config.num_beams, config.num_workers,
     )
-    listed = _names_as_listed(list(references), config.captions_file, Path(config.test_dir))
-    predictions = {listed[name]: caption for name, caption in result.captions.items()}
-    references = {listed[name]: refs for name, refs in references.items()}
+    if config.dataset is None:
+        listed = _names_as_listed(list(references), config.captions_file, Path(config.test_dir))
+        predictions = {listed[name]: caption for name, caption in result.captions.items()}
+        references = {listed[name]: refs for name, refs in references.items()}
+    else:
+        predictions = dict(result.captions)
     write_predictions_csv(Path(config.output_dir) / "eval_predictions.csv", predictions, references)
-    info = {"model": description, "test_dir": str(config.test_dir), "skipped_images": result.skipped,
+    where = {"dataset": config.dataset} if config.dataset is not None else {"test_dir": str(config.test_dir)}
+    info = {"model": description, **where, "skipped_images": result.skipped,
             "images_per_second": result.images_per_second, "max_new_tokens": config.generation_tokens,
             "num_beams": config.num_beams}
-    return predictions, references, info
+    return predictions, references, info, source
 
 
 def run_evaluation(config) -> int:
@@ -48,14 +63,14 @@ def run_evaluation(config) -> int:
     if config.predictions_file is not None:
         references = read_captions_file(config.captions_file)
         predictions = align_names(read_predictions_file(config.predictions_file), references)
-        info = {"predictions_file": str(config.predictions_file)}
+        info, images = {"predictions_file": str(config.predictions_file)}, None
     else:
-        predictions, references, info = _caption_run_images(config)
+        predictions, references, info, images = _caption_run_images(config)
     metrics = score_captions(predictions, references, config.fgd_model, resolve_device())
     info["captions_file"] = str(config.captions_file) if config.captions_file else None
     target = Path(config.output_dir) / "eval_results.json"
     write_json_atomic(target, {**metrics, "settings": info})
     print(format_metrics_table(metrics))
     logger.info("Wrote %s", target)
-    write_eval_report(config, predictions, references, metrics, info)  # logs a warning if it fails, never raises
+    write_eval_report(config, predictions, references, metrics, info, images)  # logs a warning if it fails, never raises
     return 0

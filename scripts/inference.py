@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from models.git_qlora import DTYPES, describe_precision, load_adapter_model, load_base_model, load_processor, resolve_base_dtype, resolve_device
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
-from utils.dataset_utils import list_images, load_image
+from utils.dataset_utils import as_image_source, list_images, load_image
 from utils.errors import UserInputError
 from utils.text import tidy_caption
 from utils.io import replace_folder_atomically, write_json_atomic, write_predictions_csv
@@ -37,15 +37,15 @@ class CaptionResult:
 class _ImageFiles(Dataset):
     """Decodes one image per item (in DataLoader workers); a bad file yields its reason instead."""
 
-    def __init__(self, folder: Path, names: list[str]):
-        self.folder, self.names = Path(folder), names
+    def __init__(self, folder, names: list[str]):
+        self.images, self.names = as_image_source(folder), names  # a folder or e.g. rows of a `datasets` split
 
     def __len__(self):
         return len(self.names)
 
     def __getitem__(self, index):
         name = self.names[index]
-        image, reason = load_image(self.folder / name)
+        image, reason = self.images.load(name)
         return name, image, reason
 
 
@@ -80,18 +80,22 @@ def caption_pixel_values(model, processor, pixel_values, max_new_tokens: int = 3
 
 
 def caption_folder(
-    model, processor, folder: Path, names: list[str], batch_size: int = 8, max_new_tokens: int = 30,
+    model, processor, folder, names: list[str] | None, batch_size: int = 8, max_new_tokens: int = 30,
     num_beams: int = 1, num_workers: int = 0, progress: bool = True,
 ) -> CaptionResult:
-    """Caption the named images under folder in batches; memory stays flat however many there are."""
+    """Caption the named images in batches; memory stays flat however many there are.
+
+    `folder` is an image folder, an image source with load(name) (rows of a `datasets` split), or a torch
+    Dataset of (name, image or None, reason) items, for which `names` may be None.
+    """
     result = CaptionResult()
-    loader = DataLoader(
-        _ImageFiles(folder, names), batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_lists
-    )
+    items = folder if isinstance(folder, torch.utils.data.Dataset) else _ImageFiles(folder, names)
+    loader = DataLoader(items, batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_lists)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    with tqdm(total=len(names), desc="Captioning", unit="img", disable=not progress) as bar:
+    total = len(names) if names is not None else None
+    with tqdm(total=total, desc="Captioning", unit="img", disable=not progress) as bar:
         for batch in loader:
             good = [(name, image) for name, image, _ in batch if image is not None]
             result.skipped.update({name: reason for name, image, reason in batch if image is None})
@@ -153,14 +157,24 @@ def caption_one_image(config: Config, model, processor) -> int:
     return 0
 
 
-def caption_directory(config: Config, model, processor) -> int:
-    names = list_images(Path(config.test_dir), "--test_dir")
+def images_to_caption(config: Config) -> tuple[object, list[str], str]:
+    """(image folder or source, image names, what they are) for --test_dir or --dataset's --eval_split."""
+    if config.dataset is not None:
+        from utils.hf_datasets import DatasetSpec, load_eval_split
+
+        split = load_eval_split(DatasetSpec.from_config(config), need_captions=False)
+        return split.images, split.images.names(), f"--dataset {config.dataset} ({split.images})"
+    return Path(config.test_dir), list_images(Path(config.test_dir), "--test_dir"), f"--test_dir {config.test_dir}"
+
+
+def caption_directory(config: Config, model, processor, images: tuple | None = None) -> int:
+    source, names, label = images or images_to_caption(config)
     result = caption_folder(
-        model, processor, config.test_dir, names, config.batch_size, config.generation_tokens, config.num_beams,
+        model, processor, source, names, config.batch_size, config.generation_tokens, config.num_beams,
         config.num_workers,
     )
     if not result.captions:
-        raise UserInputError(f"--test_dir {config.test_dir}: none of the {len(names)} images could be read; see the warnings.")
+        raise UserInputError(f"{label}: none of the {len(names)} images could be read; see the warnings.")
     target = config.predictions_file or Path(config.output_dir) / "captions.csv"
     write_predictions_csv(Path(target), result.captions)  # rows sorted by image name
     for name, reason in sorted(result.skipped.items()):
@@ -174,11 +188,12 @@ def caption_directory(config: Config, model, processor) -> int:
 
 def run_inference(config: Config) -> int:
     """--inference: caption --test_image (stdout) or every image of --test_dir (a CSV)."""
+    images = images_to_caption(config) if config.dataset is not None else None  # a bad dataset fails before the model loads
     model, processor, config, description = load_caption_model(config)
     logger.info("Captioning with %s", description)
     if config.test_image is not None:
         return caption_one_image(config, model, processor)
-    return caption_directory(config, model, processor)
+    return caption_directory(config, model, processor, images)
 
 
 def resolve_merge_dtype(config: Config, device: str) -> torch.dtype:
@@ -201,14 +216,20 @@ def build_merged_model(config: Config, adapter_dir: Path, device: str):
     return merged.eval()
 
 
-def sample_images(config: Config, run_settings: dict, limit: int = 16) -> tuple[Path, list[str]]:
+def sample_images(config: Config, run_settings: dict, limit: int = 16) -> tuple[object, list[str]]:
     """Images for the fidelity check: the run's validation images, else the first training images."""
+    if run_settings.get("dataset"):
+        from utils.hf_datasets import sample_dataset_images
+
+        return sample_dataset_images(run_settings, limit)
     if run_settings.get("val_dir") and run_settings.get("val_images"):
         folder = Path(run_settings["val_dir"])
         names = [n for n in run_settings["val_images"] if (folder / n).is_file()]
         if names:
             return folder, names[:limit]
-    folder = Path(run_settings.get("train_dir") or ".")
+    if not run_settings.get("train_dir"):
+        return None, []
+    folder = Path(run_settings["train_dir"])
     return folder, (list_images(folder, "--train_dir") if folder.is_dir() else [])[:limit]
 
 
@@ -251,7 +272,7 @@ def merge_weights(config: Config) -> int:
     merged = build_merged_model(config, adapter_dir, device).to(dtype)
     report = {"merge_base": config.merge_base, "merge_dtype": str(dtype).replace("torch.", ""), "base_model": config.model_name}
     folder, names = sample_images(config, run_settings)
-    images = [img for img in (load_image(folder / n)[0] for n in names) if img is not None]
+    images = [img for img in (as_image_source(folder).load(n)[0] for n in names) if img is not None]
     if images:
         adapter_model = load_adapter_model(config, adapter_dir, device)
         report.update(compare_models(adapter_model, merged, processor, images))

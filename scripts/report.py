@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from PIL import Image
+
 from utils.dataset_utils import load_image, read_text
 from utils.evaluation import METRIC_KEYS, align_names, compute_caption_metrics, compute_per_image_scores
 from utils.io import write_json_atomic, write_text_atomic
@@ -261,9 +263,15 @@ def build_plots(history: list[dict], training: dict) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-def find_image(name: str, roots: list[Path]) -> Path | None:
-    """The first root/name that is a file inside its root; names reaching outside a root are never opened."""
+def find_image(name: str, roots: list) -> Path | Image.Image | None:
+    """The first root/name that is a file inside its root; names reaching outside a root are never opened.
+    A root may also be an image source (e.g. a `datasets` split: utils/hf_datasets.py), which gives the image."""
     for root in roots:
+        if hasattr(root, "load"):
+            image, _ = root.load(name)
+            if image is not None:
+                return image
+            continue
         root = Path(root).resolve()
         path = (root / name).resolve()
         if path.is_relative_to(root) and path.is_file():
@@ -275,7 +283,7 @@ def thumbnail_data_uri(path: Path | None, size: int = THUMBNAIL_PX) -> tuple[str
     """(JPEG data URI of the image shrunk to `size` px, "") or (None, why); never raises."""
     if path is None:
         return None, "image file not found"
-    image, reason = load_image(path)
+    image, reason = (path, None) if isinstance(path, Image.Image) else load_image(path)
     if image is None:
         return None, reason or "unreadable"
     image.thumbnail((size, size))
@@ -491,12 +499,13 @@ def build_eval_report(run_dir: Path, predictions: dict[str, str], references: di
 
 
 def write_eval_report(config, predictions: dict[str, str], references: dict[str, list[str]], metrics: dict,
-                      info: dict) -> Path | None:
+                      info: dict, images=None) -> Path | None:
     """OUTPUT_DIR/report.html for --eval; images are looked up under --test_dir, then beside the captions file
     and the predictions file (names such as "test/a.jpg" are relative to the captions file's folder)."""
     start, out = time.perf_counter(), Path(config.output_dir)
     roots = [Path(p) for p in (config.test_dir, config.captions_file and Path(config.captions_file).parent,
                                config.predictions_file and Path(config.predictions_file).parent) if p]
+    roots = ([images] if images is not None and hasattr(images, "load") else []) + roots
     try:
         data = build_eval_report(out, predictions, references, metrics, info, config.seed)
     except Exception as error:  # noqa: BLE001
@@ -524,4 +533,4 @@ def write_training_report(run_dir: Path, val_dir: Path, references: dict[str, li
     except Exception as error:  # noqa: BLE001
         logger.warning("Could not build the HTML report: %s: %s", type(error).__name__, error)
         return None
-    return _write(run_dir / REPORT_NAME, data, [Path(val_dir)], start)
+    return _write(run_dir / REPORT_NAME, data, [val_dir if hasattr(val_dir, "load") else Path(val_dir)], start)

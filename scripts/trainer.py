@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -25,7 +26,7 @@ from utils.config import Config, apply_run_settings, find_runs, load_run_config
 from models.vision_cache import as_pixel_values, feature_shape, fill_feature_cache, plan_feature_cache, vision_from_cache
 from utils.dataset_utils import (
     MAX_NAMES_IN_WARNING, CachedFeatureDataset, CaptionCollator, CaptionDataset, Example, FeatureCaptionCollator,
-    collect_examples, find_truncated_captions, split_by_image,
+    as_image_source, collect_examples, find_truncated_captions, split_by_image,
 )
 from utils.distributed import is_main_process, node_rank, world_size
 from utils.feature_store import FeatureStore
@@ -42,10 +43,11 @@ TRAIN_KEY, VAL_KEY = "train/", "val/"
 
 @dataclass
 class DataSplits:
-    train_dir: Path
+    train_dir: Path | object  # an image folder, or an image source such as hf_datasets.DatasetImages
     train: list[Example]
-    val_dir: Path
+    val_dir: Path | object | None
     val: list[Example]
+    train_stream: object | None = None  # --streaming: an IterableDataset used instead of train/train_dir
 
 
 def library_versions() -> dict:
@@ -81,8 +83,33 @@ def prepare_run_dir(config: Config) -> tuple[Config, Path]:
     return config, run_dir
 
 
+def load_dataset_splits(config: Config) -> DataSplits:
+    """--dataset: training rows (or a stream), validation from --test_dir, an eval split or a hold-out."""
+    from utils.hf_datasets import DatasetSpec, load_streaming_train, load_train_and_eval
+
+    spec = DatasetSpec.from_config(config)
+    if config.streaming:
+        stream, val = load_streaming_train(spec)
+        train = None
+        if config.eval_steps is None:
+            logger.warning("--streaming without --eval_steps: validation and checkpoints happen only when a pass over "
+                           "the stream ends; pass --eval_steps N to validate and checkpoint every N steps.")
+    else:
+        train, val = load_train_and_eval(spec, hold_out=config.test_dir is None)
+    if config.test_dir is not None:
+        val_examples = collect_examples(config.test_dir, config.captions_file, flag="--test_dir")
+        val_dir = Path(config.test_dir)
+    else:
+        val_examples, val_dir = (val.examples, val.images) if val is not None else ([], None)
+    if train is None:
+        return DataSplits(None, [], val_dir, val_examples, train_stream=stream)
+    return DataSplits(train.images, train.examples, val_dir, val_examples)
+
+
 def load_splits(config: Config) -> DataSplits:
     """Training examples, plus validation from --test_dir or a held-out share of the training images."""
+    if config.dataset is not None:
+        return load_dataset_splits(config)
     examples = collect_examples(config.train_dir, config.captions_file, flag="--train_dir")
     if config.test_dir is not None:
         val = collect_examples(config.test_dir, config.captions_file, flag="--test_dir")
@@ -136,12 +163,27 @@ class CaptionScorer:
         return compute_caption_metrics(predictions, self.references), predictions
 
 
+class _EpochDataLoader(DataLoader):
+    """A DataLoader the Trainer can tell the epoch, so a streamed dataset reshuffles each pass."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+
 class CaptionTrainer(Trainer):
     """A Trainer whose evaluation also reports caption metrics, so --metric_for_best_model can pick by them."""
 
     def __init__(self, *args, caption_scorer: CaptionScorer | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.caption_scorer = caption_scorer
+
+    def get_train_dataloader(self):
+        # A stream that splits itself across ranks (hf_datasets.StreamingCaptionDataset) must not be split
+        # again, or dispatched from rank 0, by Accelerate.
+        if getattr(self.train_dataset, "split_by_rank", False) and world_size() > 1:
+            return _EpochDataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
+                                    num_workers=self.args.dataloader_num_workers)
+        return super().get_train_dataloader()
 
     def evaluate(self, *args, **kwargs):
         metrics = super().evaluate(*args, **kwargs)
@@ -246,7 +288,7 @@ def write_run_config(config: Config, run_dir: Path, device: str, splits: DataSpl
         compute_dtype=str(resolve_compute_dtype(config, device)).replace("torch.", ""),
         training_autocast=training_autocast(config, device),
         library_versions=library_versions(), created=datetime.now().isoformat(timespec="seconds"),
-        num_train_examples=len(splits.train), num_val_examples=len(splits.val),
+        num_train_examples=None if splits.train_stream is not None else len(splits.train), num_val_examples=len(splits.val),
         truncated_train_captions=truncated,
         val_dir=str(splits.val_dir) if splits.val else None,
         val_images=sorted({e.image_name for e in splits.val}),
@@ -289,8 +331,12 @@ def prepare_feature_cache(config: Config, run_dir: Path, model, processor, split
 
     Returns (store or None, seconds spent filling it, keys of images that could not be read).
     """
-    sources = [(TRAIN_KEY + n, splits.train_dir / n) for n in sorted({e.image_name for e in splits.train})]
-    sources += [(VAL_KEY + n, splits.val_dir / n) for n in sorted({e.image_name for e in splits.val})]
+    if splits.train_stream is not None:
+        logger.info("Image feature cache off: --streaming reads each image as it comes")
+        return None, 0.0, {}
+    train_images, val_images = as_image_source(splits.train_dir), as_image_source(splits.val_dir)
+    sources = [(TRAIN_KEY + n, train_images, n) for n in sorted({e.image_name for e in splits.train})]
+    sources += [(VAL_KEY + n, val_images, n) for n in sorted({e.image_name for e in splits.val})]
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(training_autocast(config, device))
     dtype = autocast or resolve_base_dtype(config, device)
     examples_seen = config.max_steps * config.batch_size * config.gradient_accumulation * world_size() if config.max_steps > 0 else config.epochs * len(splits.train)
@@ -303,7 +349,7 @@ def prepare_feature_cache(config: Config, run_dir: Path, model, processor, split
         return None, 0.0, {}
     start = time.perf_counter()
     source = f"{config.model_name}|{config.quantization_bits}|{config.bnb_4bit_quant_type}|{dtype}"
-    store = FeatureStore(folder, [key for key, _ in sources], feature_shape(model), dtype, source)
+    store = FeatureStore(folder, [key for key, _, _ in sources], feature_shape(model), dtype, source)
     skipped = fill_feature_cache(model, processor, store, sources, config.batch_size, config.num_workers, autocast)
     for key, reason in sorted(skipped.items())[:MAX_NAMES_IN_WARNING]:
         logger.warning("Skipping %s: %s", key, reason)
@@ -380,7 +426,7 @@ def write_report_records(run_dir: Path, trainer, splits: DataSplits, scorer, aft
 def build_datasets(config: Config, processor, splits: DataSplits, cache: FeatureStore | None):
     """(train, eval or None, collator): decoded images, or the cached features of models/vision_cache.py."""
     if cache is None:
-        train = CaptionDataset(splits.train_dir, splits.train)
+        train = splits.train_stream if splits.train_stream is not None else CaptionDataset(splits.train_dir, splits.train)
         val = CaptionDataset(splits.val_dir, splits.val) if splits.val else None
         return train, val, CaptionCollator(processor, config.max_length)
     train = CachedFeatureDataset(cache, TRAIN_KEY, splits.train)

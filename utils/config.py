@@ -39,6 +39,16 @@ class Config:
     predictions_file: Path | None = None
     split_ratio: float = 0.1
     max_length: int = 40
+    # data from Hugging Face `datasets` (instead of --train_dir / --test_dir)
+    dataset: str | None = None
+    dataset_config: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = None
+    image_column: str | None = None
+    caption_column: str | None = None
+    id_column: str | None = None
+    streaming: bool = False
+    shuffle_buffer: int = 1000
     # model
     model_name: str | None = None
     quantization_bits: int = 4
@@ -153,23 +163,54 @@ def _check_choices(config: Config, problems: list[str]) -> None:
 
 
 def _check_mode_inputs(config: Config, problems: list[str]) -> None:
-    if config.mode == "train" and config.train_dir is None:
-        problems.append("--train requires --train_dir, the folder of training images.")
-    if config.mode == "inference" and (config.test_dir is None) == (config.test_image is None):
-        problems.append("--inference needs exactly one of --test_dir (a folder of images) or --test_image (one image).")
-    if config.mode == "eval" and config.predictions_file is None and config.test_dir is None:
+    if config.mode == "train" and config.train_dir is None and config.dataset is None:
+        problems.append(
+            "--train requires --train_dir (a folder of training images) or --dataset (a hub dataset id, "
+            "a parquet/arrow/JSONL file or folder, or a glob of WebDataset .tar shards)."
+        )
+    if config.train_dir is not None and config.dataset is not None:
+        problems.append("--train_dir and --dataset are two sources of training images; give one of them.")
+    if config.mode == "inference" and sum(x is not None for x in (config.test_dir, config.test_image, config.dataset)) != 1:
+        problems.append(
+            "--inference needs exactly one of --test_dir (a folder of images), --test_image (one image) "
+            "or --dataset (captions --eval_split)."
+        )
+    if config.mode == "eval" and config.predictions_file is None and config.test_dir is None and config.dataset is None:
         problems.append(
             "--eval needs --test_dir (images to caption and score) or --predictions_file (captions to score), "
-            "plus --captions_file with the reference captions."
+            "plus --captions_file with the reference captions; or --dataset (its --eval_split's images and captions)."
         )
+    if config.mode == "eval" and config.test_dir is not None and config.dataset is not None:
+        problems.append("--eval scores --test_dir or --dataset; give one of them.")
+    if config.mode == "eval" and config.predictions_file is not None and config.dataset is not None:
+        problems.append("--eval --predictions_file scores against --captions_file; leave out --dataset.")
     if config.mode == "eval" and config.predictions_file is not None and config.captions_file is None:
         problems.append("--eval --predictions_file needs --captions_file, the reference captions to score against.")
+
+
+def _check_dataset_flags(config: Config, problems: list[str]) -> None:
+    if config.dataset is None:
+        given = [f"--{k}" for k in ("dataset_config", "eval_split", "image_column", "caption_column", "id_column")
+                 if getattr(config, k) is not None] + (["--streaming"] if config.streaming else [])
+        if given:
+            problems.append(f"{', '.join(given)} only apply with --dataset; add --dataset or leave them out.")
+        return
+    if config.captions_file is not None and config.test_dir is None:
+        problems.append("--captions_file is for folders; with --dataset the captions come from --caption_column.")
+    if config.streaming and config.mode != "train":
+        problems.append("--streaming applies to --train; --eval and --inference read --eval_split (downloaded once, then cached).")
+    if config.streaming and config.mode == "train" and config.max_steps == -1:
+        problems.append(
+            "--streaming needs --max_steps: a streamed dataset has no known length, so epochs cannot be counted."
+        )
+    _check_range(problems, "--shuffle_buffer", config.shuffle_buffer, 0)
 
 
 def validate(config: Config) -> Config:
     """Raise one UserInputError that lists every problem found, each naming its flag."""
     problems: list[str] = []
     _check_mode_inputs(config, problems)
+    _check_dataset_flags(config, problems)
     _check_numbers(config, problems)
     _check_choices(config, problems)
     if problems:

@@ -418,24 +418,62 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def load_image(path: Path) -> tuple[Image.Image | None, str | None]:
     """(RGB image, None), or (None, reason) for a file that cannot be used; never raises."""
+    return decode_image(path)
+
+
+def load_image_bytes(data: bytes) -> tuple[Image.Image | None, str | None]:
+    """load_image for encoded image bytes (a parquet cell, a WebDataset member); never raises."""
+    if not data:
+        return None, "empty image bytes"
+    return decode_image(io.BytesIO(bytes(data)))
+
+
+def decode_image(source) -> tuple[Image.Image | None, str | None]:
+    """RGB image from a path or a binary file object, with EXIF orientation and the decompression-bomb guard."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 img.load()  # decode now so truncated files fail here, not later
                 # exif_transpose returns a copy, so the result outlives the open file.
                 return _to_rgb(ImageOps.exif_transpose(img)), None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return None, f"too many pixels (decompression bomb guard): {err}"
     except Exception as err:  # noqa: BLE001 - Pillow decoders raise many types on corrupt input
-        return None, f"cannot read image ({type(err).__name__}: {err})"
+        # Bytes have no file name: Pillow would name the buffer object ("<_io.BytesIO object at 0x...>").
+        message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image bytes", str(err))
+        return None, f"cannot read image ({type(err).__name__}: {message})"
+
+
+class FolderImages:
+    """Images of a folder by relative name: the image source of --train_dir / --test_dir."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def load(self, name: str) -> tuple[Image.Image | None, str | None]:
+        return load_image(self.folder / name)
+
+    def describe(self, name: str) -> str:
+        return str(self.folder / name)
+
+    def __str__(self) -> str:
+        return str(self.folder)
+
+
+def as_image_source(images):
+    """An object with load(name) -> (image, reason) and describe(name): a folder path becomes FolderImages."""
+    return images if hasattr(images, "load") else FolderImages(Path(images))
 
 
 class CaptionDataset(torch.utils.data.Dataset):
-    """Examples as {"image", "caption", "image_name"} dicts; images are read on access."""
+    """Examples as {"image", "caption", "image_name"} dicts; images are read on access.
 
-    def __init__(self, folder: Path, examples: list[Example]):
-        self.folder = Path(folder)
+    `folder` is an image folder or any image source with load/describe (e.g. rows of a `datasets` split).
+    """
+
+    def __init__(self, folder, examples: list[Example]):
+        self.images = as_image_source(folder)
         self.examples = list(examples)
         self._bad_names: set[str] = set()
 
@@ -445,11 +483,11 @@ class CaptionDataset(torch.utils.data.Dataset):
     def _load(self, image_name: str) -> Image.Image | None:
         if image_name in self._bad_names:
             return None
-        image, reason = load_image(self.folder / image_name)
+        image, reason = self.images.load(image_name)
         if image is None:
             self._bad_names.add(image_name)
             # Keyed by full path: train and validation folders may share file names.
-            path = str(self.folder / image_name)
+            path = self.images.describe(image_name)
             if path not in _WARNED_BAD_IMAGES:
                 _WARNED_BAD_IMAGES.add(path)
                 logger.warning("Skipping %s: %s", path, reason)

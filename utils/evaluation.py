@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from utils.dataset_utils import format_names, warn_names
 from utils.errors import UserInputError
+from utils.hub import check_hub_name
 from utils.text import normalize_caption
 
 logger = logging.getLogger(__name__)
@@ -226,6 +227,7 @@ def load_text_encoder(name_or_path: str, device="cpu"):
         from transformers import AutoModel, AutoTokenizer
 
         try:
+            check_hub_name(str(name_or_path), "--fgd_model", local_hint="a local encoder folder")
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             _ENCODERS[key] = (AutoModel.from_pretrained(name_or_path).to(device).eval(), tokenizer)
         except Exception as error:  # noqa: BLE001  (compute_fgd turns it into a note)
