@@ -170,12 +170,32 @@ class _EpochDataLoader(DataLoader):
         self.dataset.set_epoch(epoch)
 
 
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """GIT's training loss from the logits of the caption positions alone (as from logits_to_keep=len(labels)):
+    position i predicts token i+1; padding (-100) is ignored. Sum over tokens / num_items_in_batch when given
+    (the Trainer's count over an accumulated batch), else the mean, as transformers' causal-LM loss does."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return ForCausalLMLoss(logits=logits[:, :-1].contiguous(), labels=None, vocab_size=logits.shape[-1],
+                           num_items_in_batch=num_items_in_batch, shift_labels=labels[:, 1:].contiguous())
+
+
 class CaptionTrainer(Trainer):
-    """A Trainer whose evaluation also reports caption metrics, so --metric_for_best_model can pick by them."""
+    """A Trainer whose evaluation also reports caption metrics, so --metric_for_best_model can pick by them,
+    and whose loss skips the LM head over the image positions."""
 
     def __init__(self, *args, caption_scorer: CaptionScorer | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.caption_scorer = caption_scorer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # GIT computes logits for its 197 image positions too and then drops them: with a 30,522-word LM head
+        # that is most of a step's work and memory. Only the caption positions get logits here.
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs, logits_to_keep=labels.shape[1])
+        loss = caption_loss(outputs.logits, labels, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
 
     def get_train_dataloader(self):
         # A stream that splits itself across ranks (hf_datasets.StreamingCaptionDataset) must not be split

@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-from transformers import AutoModelForCausalLM, AutoProcessor
+from transformers import AutoModelForCausalLM, AutoProcessor, TrainingArguments
 
 from git_qlora_main import main
 from models.git_qlora import (
@@ -315,3 +315,23 @@ def test_generation_length_defaults_to_the_training_length():
     assert Config(mode="inference", max_length=24).generation_tokens == 24
     assert apply_run_settings(Config(mode="inference"), {"max_length": 60}).generation_tokens == 60
     assert Config(mode="inference", max_length=24, max_new_tokens=5).generation_tokens == 5
+
+
+def test_trainer_loss_over_caption_logits_equals_the_models_own_loss(tiny_model_dir, data_dir, tmp_path):
+    """The Trainer computes logits for the caption positions only; the loss must be GIT's own, which a
+    test above checks against a hand-computed cross-entropy."""
+    from scripts.trainer import CaptionTrainer
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    config = _config(tiny_model_dir, bnb_4bit_compute_dtype="float32")
+    model = prepare_for_training(load_base_model(config, "cpu"), config).eval()
+    batch = _batch(data_dir, processor)
+    trainer = CaptionTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"))
+    with torch.no_grad():
+        full = model(**batch)
+        loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+        summed = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(7))
+    assert loss.item() == pytest.approx(full.loss.item(), rel=1e-5)
+    assert outputs.logits.shape[1] == batch["input_ids"].shape[1] < full.logits.shape[1]
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
+    assert summed.item() == pytest.approx(full.loss.item() * tokens / 7, rel=1e-5)

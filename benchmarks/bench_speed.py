@@ -1,0 +1,202 @@
+"""This project's --train and --inference side by side with the references, on a git-base-sized random GIT.
+
+    python benchmarks/bench_speed.py [--train_images 64] [--test_images 32] [--output_dir results/bench_speed]
+
+Each figure comes from its own process, run one after another in this one invocation, so the ratios
+compare runs on the same machine under the same conditions:
+  references  a plain fp32 full fine-tune with AdamW, batch 4 (the HF captioning guide's way), and the GIT
+              model card's captioning loop (fp32, one image per generate) on the trained weights (merged);
+  this project  `--train` with its defaults (3 epochs, 4-bit QLoRA, LoRA r16 on the decoder), batch 4;
+              `--inference --test_dir` with the run's adapter and with `--use_merged`, batch 8.
+Captions are 20 tokens everywhere (--max_new_tokens 20; a random model never says [SEP] early). The model is
+random (GitConfig() shapes: ViT-B/16 at 224 px, 6-layer decoder, 30,522-token vocabulary), so only speed and
+memory mean anything. Peak memory is each process's max RSS. Writes OUT/bench_speed.json.
+"""
+
+import argparse
+import csv
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TRAIN_BATCH, CAPTION_BATCH, TOKENS = 4, 8, 20
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", type=Path, default=Path("results/bench_speed"))
+    parser.add_argument("--train_images", type=int, default=64, help="training pictures, one caption each")
+    parser.add_argument("--test_images", type=int, default=32, help="pictures to caption")
+    parser.add_argument("--reference_steps", type=int, default=8, help="timed steps of the full fine-tune (after one warm-up)")
+    parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one measurement in this process
+    return parser.parse_args()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prepare(out: Path, args) -> None:
+    """The random git-base-sized checkpoint and 224 px pictures with one caption each (built once)."""
+    from models.small_git import GIT_BASE_SIZE, GIT_BASE_VOCAB, build_small_git
+    from utils.demo_data import every_caption, write_demo_dataset
+
+    data = out / "data"
+    if not (data / "one_caption.csv").is_file():
+        write_demo_dataset(data, args.train_images, args.test_images, seed=0, size=GIT_BASE_SIZE.image_size)
+        with open(data / "captions.csv", newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        first = {}
+        for name, caption in rows[1:]:
+            first.setdefault(name, caption)
+        with open(data / "one_caption.csv", "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([["image_name", "caption"], *first.items()])
+    if not (out / "model" / "config.json").is_file():
+        build_small_git(out / "model", every_caption(), GIT_BASE_SIZE, seed=0, vocab_size=GIT_BASE_VOCAB)
+
+
+def reference_full_finetune(out: Path, args) -> dict:
+    """fp32 GitForCausalLM, every weight trained with AdamW, batch 4, images decoded and processed each step."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from utils.dataset_utils import CaptionCollator, CaptionDataset, collect_examples
+
+    data = out / "data"
+    examples = collect_examples(data / "train", data / "one_caption.csv")
+    dataset, collator = CaptionDataset(data / "train", examples), CaptionCollator(AutoProcessor.from_pretrained(out / "model"), 40)
+    model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    seconds = []
+    for step in range(args.reference_steps + 1):
+        start = time.perf_counter()
+        batch = collator([dataset[(step * TRAIN_BATCH + i) % len(dataset)] for i in range(TRAIN_BATCH)])
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step:  # the first step allocates the optimizer state
+            seconds.append(time.perf_counter() - start)
+    per_step = sum(seconds) / len(seconds)
+    return {"seconds_per_step": per_step, "images_per_second": TRAIN_BATCH / per_step, "peak_rss_mb": peak_rss_mb()}
+
+
+def reference_model_card(out: Path, args) -> dict:
+    """The GIT model card's loop on the trained (merged) weights: fp32, one image per generate."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from utils.dataset_utils import find_images, load_image
+
+    folder = out / "runs" / "run" / "merged_model"
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    names = find_images(out / "data" / "test")
+    start = time.perf_counter()
+    for name in names:
+        image = load_image(out / "data" / "test" / name)[0]
+        pixel_values = processor(images=image, return_tensors="pt").pixel_values
+        ids = model.generate(pixel_values=pixel_values, max_new_tokens=TOKENS)
+        processor.batch_decode(ids, skip_special_tokens=True)
+    seconds = time.perf_counter() - start
+    return {"images_per_second": len(names) / seconds, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_cli(argv: list[str]) -> tuple[str, float]:
+    """Run git_qlora_main.py in a child process; (its stderr, its peak RSS in MB)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    proc = subprocess.run([sys.executable, str(ROOT / "git_qlora_main.py"), *argv], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"git_qlora_main.py {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return proc.stderr, (peak if peak > before else float("nan")) / 1024
+
+
+def project_train(out: Path, args) -> dict:
+    data = out / "data"
+    stderr, rss = run_cli(["--train", "--train_dir", str(data / "train"), "--captions_file", str(data / "one_caption.csv"),
+                           "--model_name", str(out / "model"), "--output_dir", str(out / "runs"), "--run_name", "run",
+                           "--batch_size", str(TRAIN_BATCH), "--split_ratio", "0", "--fgd_model", "none"])
+    metrics = json.loads((out / "runs" / "run" / "metrics.json").read_text())
+    keys = ("seconds_per_step", "train_images_per_second", "feature_cache_seconds", "optimizer_step_seconds", "global_step", "precision")
+    cache = re.search(r"Image feature cache (on|off): (.*)", stderr)
+    return {**{k: metrics[k] for k in keys}, "peak_rss_mb": rss, "feature_cache": cache.group(0) if cache else None}
+
+
+def project_caption(out: Path, merged: bool) -> dict:
+    argv = ["--inference", "--test_dir", str(out / "data" / "test"), "--output_dir", str(out / "runs" / "run"),
+            "--batch_size", str(CAPTION_BATCH), "--max_new_tokens", str(TOKENS),
+            "--predictions_file", str(out / f"captions_{'merged' if merged else 'adapter'}.csv")]
+    stderr, rss = run_cli(argv + (["--use_merged"] if merged else []))
+    rate = re.search(r"([0-9.]+) images/s", stderr)
+    model = re.search(r"Captioning with (.*)", stderr)
+    return {"images_per_second": float(rate.group(1)), "model": model.group(1) if model else None, "peak_rss_mb": rss}
+
+
+def run_part(name: str, args) -> dict:
+    """One measurement in a fresh process, so neither memory nor warm caches carry over."""
+    proc = subprocess.run([sys.executable, __file__, "--part", name, "--output_dir", str(args.output_dir),
+                           "--train_images", str(args.train_images), "--test_images", str(args.test_images),
+                           "--reference_steps", str(args.reference_steps)], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark part {name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+PARTS = {
+    "reference_full_finetune": reference_full_finetune,
+    "project_train": project_train,
+    "project_caption_adapter": lambda out, args: project_caption(out, merged=False),
+    "merge": lambda out, args: {"stderr_tail": run_cli(["--merge_weights", "--output_dir", str(out / "runs" / "run")])[0][-300:]},
+    "project_caption_merged": lambda out, args: project_caption(out, merged=True),
+    "reference_model_card": reference_model_card,
+}
+
+
+def summarise(results: dict) -> dict:
+    ref_train, train = results["reference_full_finetune"], results["project_train"]
+    card = results["reference_model_card"]["images_per_second"]
+    return {
+        "train_speedup": ref_train["seconds_per_step"] / train["seconds_per_step"],
+        "train_peak_rss_ratio": train["peak_rss_mb"] / ref_train["peak_rss_mb"],
+        "caption_adapter_speedup": results["project_caption_adapter"]["images_per_second"] / card,
+        "caption_merged_speedup": results["project_caption_merged"]["images_per_second"] / card,
+    }
+
+
+def main() -> int:
+    args = parse_args()
+    out = args.output_dir.resolve()
+    args.output_dir = out
+    if args.part:
+        os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+        print(json.dumps(PARTS[args.part](out, args)))
+        return 0
+    import shutil
+
+    import torch
+
+    prepare(out, args)
+    shutil.rmtree(out / "runs", ignore_errors=True)
+    results = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+               "train_images": args.train_images, "test_images": args.test_images}
+    for name in PARTS:
+        start = time.perf_counter()
+        results[name] = run_part(name, args)
+        print(f"{name} ({time.perf_counter() - start:.0f} s): {json.dumps(results[name])}", file=sys.stderr, flush=True)
+    results["ratios"] = summarise(results)
+    (out / "bench_speed.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
