@@ -4,6 +4,7 @@ import json
 import logging
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ from transformers.integrations import TensorBoardCallback
 from models.git_qlora import (
     describe_precision, load_base_model, load_processor, prepare_for_training, resolve_compute_dtype, resolve_device,
 )
+from utils import distributed
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
 from utils.dataset_utils import CaptionCollator, CaptionDataset, Example, collect_examples, split_by_image
 from utils.errors import UserInputError
@@ -42,7 +44,15 @@ def library_versions() -> dict:
 
 
 def prepare_run_dir(config: Config) -> tuple[Config, Path]:
-    """Pick the run folder; never reuse one silently. --resume takes the model settings the run saved."""
+    """Pick the run folder (created later, by `created_run_dir`); never reuse one silently.
+
+    --resume takes the model settings the run saved. The main process decides and every rank gets its
+    answer (a timestamp taken on each rank could differ), or the same error.
+    """
+    return distributed.run_on_main(lambda: _choose_run_dir(config))
+
+
+def _choose_run_dir(config: Config) -> tuple[Config, Path]:
     if config.resume and config.run_name is None:
         runs = find_runs(config.output_dir)
         if not runs:
@@ -61,8 +71,22 @@ def prepare_run_dir(config: Config) -> tuple[Config, Path]:
             f"The run folder {run_dir} already exists and is not empty. Choose another --run_name, "
             "or pass --resume to continue that run from its newest checkpoint."
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
     return config, run_dir
+
+
+@contextmanager
+def created_run_dir(run_dir: Path):
+    """Create the run folder (main process) for the block; if the block fails, a folder this call created is
+    removed again, so a run that never started training leaves nothing behind."""
+    existed = run_dir.exists()
+    distributed.on_main_process(run_dir.mkdir, parents=True, exist_ok=True)
+    distributed.barrier()  # the others write checkpoint pieces into it later
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            distributed.on_main_process(shutil.rmtree, run_dir, ignore_errors=True)
+        raise
 
 
 def load_splits(config: Config) -> DataSplits:
@@ -90,17 +114,21 @@ class CaptionScorer:
         self.references = references_of(splits.val)
 
     def __call__(self, model, fgd: bool | None = None) -> tuple[dict, dict[str, str]]:
-        from scripts.inference import caption_folder
+        """Every rank captions its share of the images (call it on all ranks); the main process scores the
+        gathered captions and every rank gets the same scores, as best-model selection needs."""
+        from scripts.inference import caption_across_ranks
         from utils.evaluation import compute_caption_metrics, score_captions
 
-        result = caption_folder(
+        result = caption_across_ranks(
             model, self.processor, self.splits.val_dir, sorted(self.references), self.config.batch_size,
             self.config.max_new_tokens, self.config.num_beams, progress=False,
         )
         predictions = {name: result.captions.get(name, "") for name in self.references}
         if self.with_fgd if fgd is None else fgd:
-            return score_captions(predictions, self.references, self.config.fgd_model), predictions
-        return compute_caption_metrics(predictions, self.references), predictions
+            scores = distributed.run_on_main(lambda: score_captions(predictions, self.references, self.config.fgd_model))
+        else:
+            scores = distributed.run_on_main(lambda: compute_caption_metrics(predictions, self.references))
+        return scores, predictions
 
 
 class CaptionTrainer(Trainer):
@@ -165,6 +193,9 @@ def build_training_args(config: Config, run_dir: Path, has_val: bool, device: st
         dataloader_num_workers=config.num_workers,
         use_cpu=device == "cpu",
         bf16=bf16,
+        # Several processes: DDP over the LoRA weights, every one of which gets a gradient each step.
+        ddp_find_unused_parameters=False,
+        ddp_backend="gloo" if device == "cpu" and distributed.is_distributed() else None,
     )
 
 
@@ -186,10 +217,16 @@ def save_final_model(model, processor, run_dir: Path) -> Path:
     return final
 
 
+def effective_batch_size(config: Config) -> int:
+    """Images per optimizer step over all processes."""
+    return config.batch_size * config.gradient_accumulation * distributed.world_size()
+
+
 def write_run_config(config: Config, run_dir: Path, device: str, splits: DataSplits) -> None:
     settings = config.to_json_dict()
     settings.update(
         base_model=config.model_name, device=device, precision=describe_precision(config, device),
+        world_size=distributed.world_size(), effective_batch_size=effective_batch_size(config),
         library_versions=library_versions(), created=datetime.now().isoformat(timespec="seconds"),
         num_train_examples=len(splits.train), num_val_examples=len(splits.val),
         val_dir=str(splits.val_dir) if splits.val else None,
@@ -201,40 +238,65 @@ def write_run_config(config: Config, run_dir: Path, device: str, splits: DataSpl
 def log_settings(config: Config, run_dir: Path, device: str) -> None:
     logger.info("Run folder: %s", run_dir.resolve())
     logger.info("Precision: %s", describe_precision(config, device))
+    logger.info(
+        "Processes: %d; effective batch %d images per optimizer step (batch_size %d x gradient_accumulation %d x %d)",
+        distributed.world_size(), effective_batch_size(config), config.batch_size, config.gradient_accumulation,
+        distributed.world_size(),
+    )
     logger.info("Settings: %s", json.dumps(config.to_json_dict(), sort_keys=True))
 
 
 def train(config: Config) -> int:
-    """--train: fit LoRA adapters, write RUN/{run_config.json, final_model, checkpoints, logs, metrics.json}."""
+    """--train: fit LoRA adapters, write RUN/{run_config.json, final_model, checkpoints, logs, metrics.json}.
+
+    Under torchrun / accelerate launch every rank runs this; the main process alone writes the run folder's
+    files (the Trainer's checkpoints hold one RNG state per rank).
+    """
     config, run_dir = prepare_run_dir(config)
     device = resolve_device()
     log_settings(config, run_dir, device)
+    # Data and model are checked before the run folder exists, so a bad flag leaves no folder behind.
     splits = load_splits(config)
     processor = load_processor(config.model_name, config.trust_remote_code)
     model = prepare_for_training(load_base_model(config, device), config)
-    if not config.resume:
-        write_run_config(config, run_dir, device, splits)
-    scorer = CaptionScorer(processor, splits, config, with_fgd=bool(config.fgd_model)) if splits.val else None
-    trainer, timer = build_trainer(config, run_dir, model, processor, splits, scorer, device)
-    metrics = {"run_dir": str(run_dir), "device": device, "precision": describe_precision(config, device)}
-    if scorer is not None and not config.resume:
-        metrics["before"], _ = scorer(model)
-        logger.info("Validation caption metrics before training: %s", metrics["before"])
-        write_json_atomic(run_dir / "metrics.json", metrics)  # kept if the run is interrupted and resumed
+    metrics = {"run_dir": str(run_dir), "device": device, "precision": describe_precision(config, device),
+               "world_size": distributed.world_size(), "effective_batch_size": effective_batch_size(config)}
+    with created_run_dir(run_dir):
+        if not config.resume:
+            distributed.on_main_process(write_run_config, config, run_dir, device, splits)
+        scorer = CaptionScorer(processor, splits, config, with_fgd=bool(config.fgd_model)) if splits.val else None
+        trainer, timer = build_trainer(config, run_dir, model, processor, splits, scorer, device)
+        log_data_shards(trainer, splits.train)
+        if scorer is not None and not config.resume:
+            metrics["before"], _ = scorer(model)
+            logger.info("Validation caption metrics before training: %s", metrics["before"])
+            distributed.on_main_process(write_json_atomic, run_dir / "metrics.json", metrics)  # kept for --resume
     checkpoint = latest_checkpoint(run_dir) if config.resume else None
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics.update(training_metrics(result, timer, time.perf_counter() - start, config, device))
-    final = save_final_model(trainer.model, processor, run_dir)
+    final = distributed.on_main_process(save_final_model, trainer.model, processor, run_dir)
     if scorer is not None:
         metrics["val_loss"] = Trainer.evaluate(trainer)["eval_loss"]
         metrics["after"], predictions = scorer(trainer.model)
         metrics["sample_captions"] = dict(list(predictions.items())[:5])
         logger.info("Validation caption metrics after training: %s", metrics["after"])
-    write_json_atomic(run_dir / "metrics.json", merge_previous_metrics(run_dir, metrics))
+    distributed.on_main_process(lambda: write_json_atomic(run_dir / "metrics.json", merge_previous_metrics(run_dir, metrics)))
     logger.info("Adapter saved to %s", final)
     logger.info("Run folder: %s", run_dir.resolve())
     return 0
+
+
+def log_data_shards(trainer: Trainer, examples: list[Example]) -> None:
+    """Log, from the Trainer's own sampler, how many examples each rank trains on per epoch and its first batch.
+
+    Reads the sampler's indices only (no image is loaded); one line per rank, from the main process.
+    """
+    batches = list(trainer.get_train_dataloader().batch_sampler)
+    first = [examples[i].image_name for i in batches[0]] if batches else []
+    shards = distributed.all_gather_object((sum(len(b) for b in batches), first))
+    for rank, (count, names) in enumerate(shards):
+        logger.info("Rank %d trains on %d examples per epoch; first batch: %s", rank, count, ", ".join(names))
 
 
 def build_trainer(config, run_dir, model, processor, splits, scorer, device):
@@ -242,19 +304,24 @@ def build_trainer(config, run_dir, model, processor, splits, scorer, device):
     bf16 = device == "cuda" and config.quantization_bits != 32 and resolve_compute_dtype(config, device) == torch.bfloat16
     args = build_training_args(config, run_dir, bool(splits.val), device, bf16)
     timer = StepTimer()
-    (run_dir / "logs").mkdir(exist_ok=True)
-    tensorboard = TensorBoardCallback(tb_writer=SummaryWriter(str(run_dir / "logs")))
-    tensorboard.logging_dir = str(run_dir / "logs")  # where it reopens its writer after training ends
+    tensorboard = distributed.on_main_process(tensorboard_callback, run_dir)  # one events file, from rank 0
     trainer = CaptionTrainer(
         model=model,
         args=args,
         train_dataset=CaptionDataset(splits.train_dir, splits.train),
         eval_dataset=CaptionDataset(splits.val_dir, splits.val) if splits.val else None,
         data_collator=CaptionCollator(processor, config.max_length),
-        callbacks=[tensorboard, timer],
+        callbacks=[c for c in (tensorboard, timer) if c is not None],
         caption_scorer=scorer if config.metric_for_best_model != "loss" else None,
     )
     return trainer, timer
+
+
+def tensorboard_callback(run_dir: Path) -> TensorBoardCallback:
+    (run_dir / "logs").mkdir(exist_ok=True)
+    tensorboard = TensorBoardCallback(tb_writer=SummaryWriter(str(run_dir / "logs")))
+    tensorboard.logging_dir = str(run_dir / "logs")  # where it reopens its writer after training ends
+    return tensorboard
 
 
 def latest_checkpoint(run_dir: Path) -> str | None:
@@ -270,7 +337,7 @@ def latest_checkpoint(run_dir: Path) -> str | None:
 
 
 def training_metrics(result, timer: StepTimer, seconds: float, config: Config, device: str) -> dict:
-    images_per_step = config.batch_size * config.gradient_accumulation
+    images_per_step = effective_batch_size(config)  # all processes: the step time is the slowest rank's
     per_step = timer.seconds / timer.steps if timer.steps else None
     return {
         "train_loss": result.training_loss,
