@@ -1,10 +1,14 @@
-"""--eval: caption --test_dir with a run or base model (or read --predictions_file), score it, write the results."""
+"""--eval: caption --test_dir with a run or base model (or read --predictions_file), score it, write the results.
+
+Under torchrun / accelerate launch the images are split over the processes; the main process scores and writes.
+"""
 
 import logging
 from pathlib import Path
 
 from models.git_qlora import resolve_device
-from scripts.inference import caption_folder, load_caption_model
+from scripts.inference import caption_across_ranks, load_caption_model
+from utils import distributed
 from utils.dataset_utils import collect_examples, read_captions_file
 from utils.evaluation import align_names, format_metrics_table, score_captions
 from utils.io import read_predictions_file, write_json_atomic, write_predictions_csv
@@ -28,14 +32,14 @@ def _caption_run_images(config) -> tuple[dict[str, str], dict[str, list[str]], d
         references.setdefault(example.image_name, []).append(example.caption)
     model, processor, config, description = load_caption_model(config)
     logger.info("Evaluating %s on %d images of %s", description, len(references), config.test_dir)
-    result = caption_folder(
+    result = caption_across_ranks(
         model, processor, Path(config.test_dir), sorted(references), config.batch_size, config.max_new_tokens,
         config.num_beams, config.num_workers,
     )
     listed = _names_as_listed(list(references), config.captions_file, Path(config.test_dir))
     predictions = {listed[name]: caption for name, caption in result.captions.items()}
     references = {listed[name]: refs for name, refs in references.items()}
-    write_predictions_csv(Path(config.output_dir) / "eval_predictions.csv", predictions, references)
+    distributed.on_main_process(write_predictions_csv, Path(config.output_dir) / "eval_predictions.csv", predictions, references)
     info = {"model": description, "test_dir": str(config.test_dir), "skipped_images": result.skipped,
             "images_per_second": result.images_per_second, "max_new_tokens": config.max_new_tokens,
             "num_beams": config.num_beams}
@@ -50,6 +54,10 @@ def run_evaluation(config) -> int:
         info = {"predictions_file": str(config.predictions_file)}
     else:
         predictions, references, info = _caption_run_images(config)
+    return distributed.on_main_process(_score_and_write, config, predictions, references, info) or 0
+
+
+def _score_and_write(config, predictions: dict[str, str], references: dict[str, list[str]], info: dict) -> int:
     metrics = score_captions(predictions, references, config.fgd_model, resolve_device())
     info["captions_file"] = str(config.captions_file) if config.captions_file else None
     target = Path(config.output_dir) / "eval_results.json"
