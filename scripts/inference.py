@@ -1,5 +1,6 @@
 """Caption images with a trained run (adapter or merged model) or a plain base model, and merge adapters."""
 
+import json
 import logging
 import shutil
 import time
@@ -176,8 +177,12 @@ def caption_one_image(config: Config, model, processor) -> int:
     return 0
 
 
-def plan_captioning(folder: Path, parts: Path, resume: bool) -> list[str]:
-    """The images still to caption: all of them, or with --resume those no part file holds yet."""
+def plan_captioning(folder: Path, parts: Path, resume: bool, job: dict) -> list[str]:
+    """The images still to caption: all of them, or with --resume those no part file holds yet.
+
+    job (model and generation settings) is kept in PARTS/job.json: a resumed job must use the same ones,
+    so one CSV never mixes captions of two models.
+    """
     names = list_images(folder, "--test_dir")
     done, skipped = read_caption_parts(parts) if parts.is_dir() else ({}, {})
     if (done or skipped) and not resume:
@@ -185,9 +190,18 @@ def plan_captioning(folder: Path, parts: Path, resume: bool) -> list[str]:
             f"An interrupted captioning job left {len(done)} captions in {parts}. Add --resume to caption only "
             f"the remaining images and write the complete file, or delete {parts} to start over."
         )
+    job_file = parts / "job.json"
+    if resume and job_file.is_file():
+        before = json.loads(job_file.read_text(encoding="utf-8"))
+        changed = sorted(k for k in job if before.get(k) != job[k])
+        if changed:
+            raise UserInputError(
+                f"--resume: the interrupted job in {parts} used other settings ({', '.join(f'{k}: {before.get(k)!r} now {job[k]!r}' for k in changed)}). "
+                f"Resume with the same model, --test_dir, --max_new_tokens and --num_beams, or delete {parts} to start over."
+            )
     if resume:
         logger.info("--resume: %d of %d images already done in %s", len(done) + len(skipped), len(names), parts)
-    parts.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(job_file, job)
     return [name for name in names if name not in done and name not in skipped]
 
 
@@ -204,13 +218,15 @@ def assemble_captions(target: Path, parts: Path, folder: Path) -> None:
     logger.info("Wrote %s: %d captions, %d images skipped", target, len(captions), len(skipped))
 
 
-def caption_directory(config: Config, model, processor) -> int:
+def caption_directory(config: Config, model, processor, description: str = "") -> int:
     """Caption --test_dir, split over the launched processes. Each rank appends its captions to its own part
     file batch by batch; --resume skips what the parts hold; the main process assembles the CSV once."""
     folder = Path(config.test_dir)
     target = Path(config.predictions_file or Path(config.output_dir) / "captions.csv")
     parts = caption_parts_dir(target)
-    todo = distributed.run_on_main(lambda: plan_captioning(folder, parts, config.resume))
+    job = {"model": description, "test_dir": str(folder.resolve()), "max_new_tokens": config.max_new_tokens,
+           "num_beams": config.num_beams}
+    todo = distributed.run_on_main(lambda: plan_captioning(folder, parts, config.resume, job))
     with CaptionPartWriter(parts, distributed.rank()) as part:
         result = caption_folder(
             model, processor, folder, distributed.split_for_rank(todo), config.batch_size, config.max_new_tokens,
@@ -231,7 +247,7 @@ def run_inference(config: Config) -> int:
     logger.info("Captioning with %s", description)
     if config.test_image is not None:
         return caption_one_image(config, model, processor)
-    return caption_directory(config, model, processor)
+    return caption_directory(config, model, processor, description)
 
 
 def resolve_merge_dtype(config: Config, device: str) -> torch.dtype:

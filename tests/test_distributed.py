@@ -4,6 +4,7 @@ resumable captioning, and the pure helpers of utils/distributed.py and utils/io.
 Every launch runs under a timeout that fails the test, so a rank waiting forever for another is a failure.
 """
 
+import csv
 import json
 import os
 import re
@@ -27,7 +28,9 @@ LAUNCH_TIMEOUT = 180  # seconds; a tiny-model launch takes 10-25 s on 2 busy cor
 
 
 def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GOMP_SPINCOUNT="1000", TOKENIZERS_PARALLELISM="false")
+    # CPU ranks (gloo) even on a GPU machine: CI has 2 cores and no GPU, and one GPU cannot host two ranks.
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GOMP_SPINCOUNT="1000", TOKENIZERS_PARALLELISM="false",
+               CUDA_VISIBLE_DEVICES="")
     env.pop("WORLD_SIZE", None)
     return env
 
@@ -308,3 +311,31 @@ def test_single_process_modes_refuse_a_launcher(trained_run, monkeypatch, capsys
     monkeypatch.delenv("WORLD_SIZE")
     assert main(["--merge_weights", "--output_dir", str(trained_run), "--resume"]) == 2
     assert "--resume continues --train" in capsys.readouterr().err
+
+
+def test_resume_keeps_done_captions_and_refuses_other_settings(trained_run, data_dir, tmp_path, capsys):
+    target = tmp_path / "captions.csv"
+    parts = caption_parts_dir(target)
+    with CaptionPartWriter(parts, 5) as part:  # left by rank 5 of a bigger job
+        part.append({"img_00000.png": "a caption from before"}, {"img_00001.png": "cannot identify image file"})
+    args = ["--inference", "--test_dir", str(data_dir / "test"), "--output_dir", str(trained_run),
+            "--predictions_file", str(target), "--num_workers", "0", "--max_new_tokens", "8"]
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err and not target.exists()
+    assert main(args + ["--resume"]) == 0
+    with open(target, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    names = [row[0] for row in rows[1:]]
+    assert names == sorted(set(names)) and len(names) == 7  # 8 images, one recorded as unreadable
+    assert rows[1] == ["img_00000.png", "a caption from before"]  # not captioned again
+    assert not parts.exists()
+
+    with CaptionPartWriter(parts, 0) as part:
+        part.append({"img_00000.png": "x"}, {})
+    assert main(args + ["--resume"]) == 0  # same settings as job.json? none written yet: accepted
+    with CaptionPartWriter(parts, 0) as part:
+        part.append({"img_00000.png": "x"}, {})
+    (parts / "job.json").write_text(json.dumps({"max_new_tokens": 20}))
+    assert main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "max_new_tokens: 20 now 8" in err and "Traceback" not in err
