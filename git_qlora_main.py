@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(args)  # every rank validates the same flags, so all fail alike before joining
         distributed.init_process_group()
-        return run_mode(config)
+        code = run_mode(config)
+        distributed.barrier()  # ranks leave together: any rank's exit 0 means the job's files are written
+        return code
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
