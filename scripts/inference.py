@@ -209,12 +209,13 @@ def assemble_captions(target: Path, parts: Path, folder: Path) -> None:
     """Write the one sorted CSV from every rank's part file, then remove the parts (main process, at the end)."""
     captions, skipped = read_caption_parts(parts)
     skipped = {name: reason for name, reason in skipped.items() if name not in captions}
-    if not captions:
-        raise UserInputError(f"--test_dir {folder}: none of the {len(skipped)} images could be read; see the warnings.")
-    write_predictions_csv(target, captions)  # rows sorted by image name
-    shutil.rmtree(parts)
     for name, reason in sorted(skipped.items()):
         logger.warning("Skipped %s: %s", name, reason)
+    if captions:
+        write_predictions_csv(target, captions)  # rows sorted by image name
+    shutil.rmtree(parts)
+    if not captions:
+        raise UserInputError(f"--test_dir {folder}: none of the {len(skipped)} images could be read; see the warnings.")
     logger.info("Wrote %s: %d captions, %d images skipped", target, len(captions), len(skipped))
 
 
