@@ -188,8 +188,10 @@ def test_a_bad_model_fails_on_every_rank_and_leaves_no_folder(tmp_path, train_cm
     start = time.perf_counter()
     result = launch(args, timeout=120)
     assert result.returncode != 0
-    assert result.stdout.count("error: Cannot load the processor of --model_name") == 2  # both ranks, same error
-    assert len(re.findall(r"exitcode\s*: 2 ", result.stdout)) == 2  # a clean exit 2 on each (torchrun adds its own traceback)
+    # A clean exit 2 with the one-paragraph error (torchrun adds its own report). torchrun stops the other rank
+    # as soon as one exits, so the second rank's copy of the message may or may not get printed.
+    assert result.stdout.count("error: Cannot load the processor of --model_name") >= 1
+    assert re.search(r"exitcode\s*: 2 ", result.stdout)
     assert not (tmp_path / "bad").exists()
     assert time.perf_counter() - start < 120
 
@@ -198,8 +200,7 @@ def test_an_existing_run_folder_stops_every_rank(tmp_path, train_cmd):
     (tmp_path / "r1").mkdir()
     (tmp_path / "r1" / "keep.txt").write_text("mine")
     result = launch(train_cmd(tmp_path, "r1", "--max_steps", "1"), timeout=120)
-    assert result.returncode != 0 and result.stdout.count("already exists") == 2
-    assert len(re.findall(r"exitcode\s*: 2 ", result.stdout)) == 2
+    assert result.returncode != 0 and "already exists" in result.stdout and re.search(r"exitcode\s*: 2 ", result.stdout)
     assert [p.name for p in (tmp_path / "r1").iterdir()] == ["keep.txt"]
 
 
@@ -339,3 +340,41 @@ def test_resume_keeps_done_captions_and_refuses_other_settings(trained_run, data
     assert main(args + ["--resume"]) == 2
     err = capsys.readouterr().err
     assert "max_new_tokens: 20 now 8" in err and "Traceback" not in err
+
+
+def _helper_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """One rank of a 2-process gloo group (no launcher): exercises the collectives of utils/distributed."""
+    import torch.distributed as dist
+
+    from utils import distributed
+    from utils.errors import UserInputError
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    report = {"name": distributed.broadcast_object(f"run-from-rank-{rank}"),
+              "gathered": distributed.all_gather_object(rank * 10),
+              "value": distributed.run_on_main(lambda: f"computed on rank {distributed.rank()}")}
+    try:
+        distributed.run_on_main(lambda: (_ for _ in ()).throw(UserInputError("bad --flag")))
+    except UserInputError as error:
+        report["error"] = str(error)
+    distributed.shutdown()
+    Path(out_dir, f"{rank}.json").write_text(json.dumps(report))
+
+
+def test_collectives_agree_on_every_rank(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_helper_worker, args=(r, str(tmp_path / "init"), str(tmp_path))) for r in (0, 1)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    alive = [w for w in workers if w.is_alive()]
+    for worker in alive:
+        worker.kill()
+    assert not alive, "a rank hangs"
+    reports = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    for report in reports:
+        assert report == {"name": "run-from-rank-0", "gathered": [0, 10], "value": "computed on rank 0",
+                          "error": "bad --flag"}
