@@ -11,6 +11,7 @@ from pathlib import Path
 # process shares the cores (seen on 2-core machines); a short spin keeps idle speed.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
+from utils import distributed  # noqa: E402
 from utils.config import DEFAULT_TARGET_MODULES, Config, validate  # noqa: E402
 from utils.errors import UserInputError  # noqa: E402
 
@@ -79,7 +80,7 @@ def _training_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save_total_limit", type=int, default=2, help="checkpoints kept (the best one is always kept)")
     g.add_argument("--metric_for_best_model", default="loss", help="loss (validation loss) or a caption metric such as cider, bleu_4")
     g.add_argument("--num_workers", type=int, default=2, help="image-decoding worker processes")
-    g.add_argument("--resume", action="store_true", help="continue the run (--run_name, default the newest) from its last checkpoint")
+    g.add_argument("--resume", action="store_true", help="--train: continue the run (--run_name, default the newest) from its last checkpoint; --inference --test_dir: caption only the images an interrupted job left")
     g.add_argument("--cache_image_features", default="auto", help="auto (on when the vision tower is frozen and the cache fits), on or off: encode each image once and train on the cached features")
 
 
@@ -143,12 +144,20 @@ QUIET_WARNINGS = (
 
 
 def setup_logging() -> None:
+    # Under a launcher the main process tells the story; the others speak only to warn, naming their rank.
+    main = distributed.is_main_process()
+    prefix = f"[rank {distributed.rank()}] " if distributed.is_distributed() else ""
     root = logging.getLogger()
     existing = set(root.handlers)  # e.g. a test runner's: left as they are
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING, stream=sys.stderr,
+                        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for handler in set(root.handlers) - existing:
         handler.addFilter(OncePerProcess())
         logging.captureWarnings(True)  # Python warnings go through that handler too, so each shows once
+    if not main:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     # bitsandbytes looks for optional CPU kernels on the hub; offline that warning is noise.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score announces its tokenizer
@@ -192,13 +201,19 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     setup_logging()
     try:
-        return run_mode(build_config(args))
+        config = build_config(args)  # every rank validates the same flags, so all fail alike before joining
+        distributed.init_process_group()
+        code = run_mode(config)
+        distributed.barrier()  # ranks leave together: any rank's exit 0 means the job's files are written
+        return code
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; a training run continues with --resume", file=sys.stderr)
+        print("interrupted; --train and --inference --test_dir continue with --resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig
 
+from utils import distributed
 from utils.config import Config
 from utils.errors import UserInputError
 from utils.hub import check_hub_name
@@ -133,7 +134,7 @@ def load_base_model(config: Config, device: str, quantize: bool = True):
             config.model_name,
             quantization_config=quantization,
             dtype=dtype,
-            device_map={"": device},
+            device_map=distributed.device_map(device),  # this process's own GPU under a launcher
             trust_remote_code=config.trust_remote_code,
         )
     except (OSError, ValueError) as error:

@@ -1,11 +1,15 @@
-"""--eval: caption --test_dir with a run or base model (or read --predictions_file), score it, write the results."""
+"""--eval: caption --test_dir with a run or base model (or read --predictions_file), score it, write the results.
+
+Under torchrun / accelerate launch the images are split over the processes; the main process scores and writes.
+"""
 
 import logging
 from pathlib import Path
 
 from models.git_qlora import resolve_device
-from scripts.inference import caption_folder, load_caption_model
+from scripts.inference import caption_across_ranks, load_caption_model
 from scripts.report import write_eval_report
+from utils import distributed
 from utils.dataset_utils import Example, collect_examples, read_captions_file
 from utils.evaluation import align_names, format_metrics_table, score_captions
 from utils.io import read_predictions_file, write_json_atomic, write_predictions_csv
@@ -40,7 +44,7 @@ def _caption_run_images(config) -> tuple[dict[str, str], dict[str, list[str]], d
         references.setdefault(example.image_name, []).append(example.caption)
     model, processor, config, description = load_caption_model(config)
     logger.info("Evaluating %s on %d images of %s", description, len(references), label)
-    result = caption_folder(
+    result = caption_across_ranks(
         model, processor, source, sorted(references), config.batch_size, config.generation_tokens,
         config.num_beams, config.num_workers,
     )
@@ -50,7 +54,7 @@ def _caption_run_images(config) -> tuple[dict[str, str], dict[str, list[str]], d
         references = {listed[name]: refs for name, refs in references.items()}
     else:
         predictions = dict(result.captions)
-    write_predictions_csv(Path(config.output_dir) / "eval_predictions.csv", predictions, references)
+    distributed.on_main_process(write_predictions_csv, Path(config.output_dir) / "eval_predictions.csv", predictions, references)
     where = {"dataset": config.dataset} if config.dataset is not None else {"test_dir": str(config.test_dir)}
     info = {"model": description, **where, "skipped_images": result.skipped,
             "images_per_second": result.images_per_second, "max_new_tokens": config.generation_tokens,
@@ -66,6 +70,10 @@ def run_evaluation(config) -> int:
         info, images = {"predictions_file": str(config.predictions_file)}, None
     else:
         predictions, references, info, images = _caption_run_images(config)
+    return distributed.on_main_process(_score_and_write, config, predictions, references, info, images) or 0
+
+
+def _score_and_write(config, predictions: dict[str, str], references: dict[str, list[str]], info: dict, images=None) -> int:
     metrics = score_captions(predictions, references, config.fgd_model, resolve_device())
     info["captions_file"] = str(config.captions_file) if config.captions_file else None
     target = Path(config.output_dir) / "eval_results.json"

@@ -1,10 +1,12 @@
 """Caption images with a trained run (adapter or merged model) or a plain base model, and merge adapters."""
 
+import json
 import logging
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -14,11 +16,15 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from models.git_qlora import DTYPES, describe_precision, load_adapter_model, load_base_model, load_processor, resolve_base_dtype, resolve_device
+from utils import distributed
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
 from utils.dataset_utils import as_image_source, list_images, load_image
 from utils.errors import UserInputError
+from utils.io import (
+    CaptionPartWriter, caption_parts_dir, read_caption_parts, replace_folder_atomically, write_json_atomic,
+    write_predictions_csv,
+)
 from utils.text import tidy_caption
-from utils.io import replace_folder_atomically, write_json_atomic, write_predictions_csv
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +88,14 @@ def caption_pixel_values(model, processor, pixel_values, max_new_tokens: int = 3
 def caption_folder(
     model, processor, folder, names: list[str] | None, batch_size: int = 8, max_new_tokens: int = 30,
     num_beams: int = 1, num_workers: int = 0, progress: bool = True,
+    on_batch: Callable[[dict[str, str], dict[str, str]], None] | None = None,
 ) -> CaptionResult:
     """Caption the named images in batches; memory stays flat however many there are.
 
     `folder` is an image folder, an image source with load(name) (rows of a `datasets` split), or a torch
     Dataset of (name, image or None, reason) items, for which `names` may be None.
+
+    on_batch(captions, skipped) is called as each batch finishes (e.g. to append it to a part file).
     """
     result = CaptionResult()
     items = folder if isinstance(folder, torch.utils.data.Dataset) else _ImageFiles(folder, names)
@@ -98,13 +107,36 @@ def caption_folder(
     with tqdm(total=total, desc="Captioning", unit="img", disable=not progress) as bar:
         for batch in loader:
             good = [(name, image) for name, image, _ in batch if image is not None]
-            result.skipped.update({name: reason for name, image, reason in batch if image is None})
+            skipped = {name: reason for name, image, reason in batch if image is None}
+            captions = {}
             if good:
-                captions = generate_captions(model, processor, [image for _, image in good], max_new_tokens, num_beams)
-                result.captions.update({name: caption for (name, _), caption in zip(good, captions)})
+                texts = generate_captions(model, processor, [image for _, image in good], max_new_tokens, num_beams)
+                captions = {name: caption for (name, _), caption in zip(good, texts)}
+            result.captions.update(captions)
+            result.skipped.update(skipped)
+            if on_batch is not None:
+                on_batch(captions, skipped)
             bar.update(len(batch))
     result.seconds = time.perf_counter() - start
     model.train(was_training)
+    return result
+
+
+def caption_across_ranks(
+    model, processor, folder: Path, names: list[str], batch_size: int = 8, max_new_tokens: int = 30,
+    num_beams: int = 1, num_workers: int = 0, progress: bool = True,
+) -> CaptionResult:
+    """caption_folder with the names split over the launched processes (call it on every rank); every rank
+    gets all captions. seconds is the slowest rank's. One process: caption_folder itself."""
+    mine = caption_folder(
+        model, processor, folder, distributed.split_for_rank(names), batch_size, max_new_tokens, num_beams,
+        num_workers, progress=progress and distributed.is_main_process(),
+    )
+    result = CaptionResult()
+    for captions, skipped, seconds in distributed.all_gather_object((mine.captions, mine.skipped, mine.seconds)):
+        result.captions.update(captions)
+        result.skipped.update(skipped)
+        result.seconds = max(result.seconds, seconds)
     return result
 
 
@@ -140,7 +172,7 @@ def load_caption_model(config: Config):
     run_dir = Path(config.output_dir)
     if config.use_merged:
         folder = _require_folder(run_dir / "merged_model", "merged_model", "--merge_weights --output_dir RUN")
-        model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": device}).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, device_map=distributed.device_map(device)).eval()
         return model, load_processor(str(folder)), config, f"merged model {folder} ({floating_dtype(model)} on {device})"
     folder = _require_folder(run_dir / "final_model", "final_model (training did not finish; continue it with --resume)", "--train")
     model = load_adapter_model(config, folder, device)
@@ -167,22 +199,67 @@ def images_to_caption(config: Config) -> tuple[object, list[str], str]:
     return Path(config.test_dir), list_images(Path(config.test_dir), "--test_dir"), f"--test_dir {config.test_dir}"
 
 
-def caption_directory(config: Config, model, processor, images: tuple | None = None) -> int:
-    source, names, label = images or images_to_caption(config)
-    result = caption_folder(
-        model, processor, source, names, config.batch_size, config.generation_tokens, config.num_beams,
-        config.num_workers,
-    )
-    if not result.captions:
-        raise UserInputError(f"{label}: none of the {len(names)} images could be read; see the warnings.")
-    target = config.predictions_file or Path(config.output_dir) / "captions.csv"
-    write_predictions_csv(Path(target), result.captions)  # rows sorted by image name
-    for name, reason in sorted(result.skipped.items()):
+def plan_captioning(names: list[str], parts: Path, resume: bool, job: dict) -> list[str]:
+    """The images still to caption: all of them, or with --resume those no part file holds yet.
+
+    job (model and generation settings) is kept in PARTS/job.json: a resumed job must use the same ones,
+    so one CSV never mixes captions of two models.
+    """
+    done, skipped = read_caption_parts(parts) if parts.is_dir() else ({}, {})
+    if (done or skipped) and not resume:
+        raise UserInputError(
+            f"An interrupted captioning job left {len(done)} captions in {parts}. Add --resume to caption only "
+            f"the remaining images and write the complete file, or delete {parts} to start over."
+        )
+    job_file = parts / "job.json"
+    if resume and job_file.is_file():
+        before = json.loads(job_file.read_text(encoding="utf-8"))
+        changed = sorted(k for k in job if before.get(k) != job[k])
+        if changed:
+            raise UserInputError(
+                f"--resume: the interrupted job in {parts} used other settings ({', '.join(f'{k}: {before.get(k)!r} now {job[k]!r}' for k in changed)}). "
+                f"Resume with the same model, images, --max_new_tokens and --num_beams, or delete {parts} to start over."
+            )
+    if resume:
+        logger.info("--resume: %d of %d images already done in %s", len(done) + len(skipped), len(names), parts)
+    write_json_atomic(job_file, job)
+    return [name for name in names if name not in done and name not in skipped]
+
+
+def assemble_captions(target: Path, parts: Path, label: str) -> None:
+    """Write the one sorted CSV from every rank's part file, then remove the parts (main process, at the end)."""
+    captions, skipped = read_caption_parts(parts)
+    skipped = {name: reason for name, reason in skipped.items() if name not in captions}
+    for name, reason in sorted(skipped.items()):
         logger.warning("Skipped %s: %s", name, reason)
-    logger.info(
-        "Captioned %d images (%d skipped) in %.1f s, %.2f images/s; wrote %s",
-        len(result.captions), len(result.skipped), result.seconds, result.images_per_second, target,
-    )
+    if captions:
+        write_predictions_csv(target, captions)  # rows sorted by image name
+    shutil.rmtree(parts)
+    if not captions:
+        raise UserInputError(f"{label}: none of the {len(skipped)} images could be read; see the warnings.")
+    logger.info("Wrote %s: %d captions, %d images skipped", target, len(captions), len(skipped))
+
+
+def caption_directory(config: Config, model, processor, images: tuple | None = None, description: str = "") -> int:
+    """Caption --test_dir or --dataset, split over the launched processes. Each rank appends its captions to its
+    own part file batch by batch; --resume skips what the parts hold; the main process assembles the CSV once."""
+    source, names, label = images or images_to_caption(config)
+    target = Path(config.predictions_file or Path(config.output_dir) / "captions.csv")
+    parts = caption_parts_dir(target)
+    where = str(Path(config.test_dir).resolve()) if config.dataset is None else label
+    job = {"model": description, "images": where, "max_new_tokens": config.generation_tokens, "num_beams": config.num_beams}
+    todo = distributed.run_on_main(lambda: plan_captioning(names, parts, config.resume, job))
+    with CaptionPartWriter(parts, distributed.rank()) as part:
+        result = caption_folder(
+            model, processor, source, distributed.split_for_rank(todo), config.batch_size, config.generation_tokens,
+            config.num_beams, config.num_workers, progress=distributed.is_main_process(), on_batch=part.append,
+        )
+    # Gathering the counts also waits for every rank to finish its part file before the main process reads them.
+    counts = distributed.all_gather_object((len(result.captions), len(result.skipped), result.seconds))
+    captioned, skipped, seconds = sum(c[0] for c in counts), sum(c[1] for c in counts), max(c[2] for c in counts)
+    logger.info("Captioned %d images (%d skipped) in %.1f s on %d process(es), %.2f images/s",
+                captioned, skipped, seconds, len(counts), captioned / seconds if seconds > 0 else 0.0)
+    distributed.run_on_main(lambda: assemble_captions(target, parts, label))
     return 0
 
 
@@ -193,7 +270,7 @@ def run_inference(config: Config) -> int:
     logger.info("Captioning with %s", description)
     if config.test_image is not None:
         return caption_one_image(config, model, processor)
-    return caption_directory(config, model, processor, images)
+    return caption_directory(config, model, processor, images, description)
 
 
 def resolve_merge_dtype(config: Config, device: str) -> torch.dtype:

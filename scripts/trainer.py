@@ -6,6 +6,7 @@ import logging
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,13 +23,13 @@ from models.git_qlora import (
     resolve_device, training_autocast, wrapped_lora_layers,
 )
 from scripts.report import save_train_history, save_val_predictions, write_training_report
+from utils import distributed
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
 from models.vision_cache import as_pixel_values, feature_shape, fill_feature_cache, plan_feature_cache, vision_from_cache
 from utils.dataset_utils import (
     MAX_NAMES_IN_WARNING, CachedFeatureDataset, CaptionCollator, CaptionDataset, Example, FeatureCaptionCollator,
     as_image_source, collect_examples, find_truncated_captions, split_by_image,
 )
-from utils.distributed import is_main_process, node_rank, world_size
 from utils.feature_store import FeatureStore
 from utils.errors import UserInputError
 from utils.evaluation import format_metrics_table
@@ -60,7 +61,15 @@ def library_versions() -> dict:
 
 
 def prepare_run_dir(config: Config) -> tuple[Config, Path]:
-    """Pick the run folder; never reuse one silently. --resume takes the model settings the run saved."""
+    """Pick the run folder (created later, by `created_run_dir`); never reuse one silently.
+
+    --resume takes the model settings the run saved. The main process decides and every rank gets its
+    answer (a timestamp taken on each rank could differ), or the same error.
+    """
+    return distributed.run_on_main(lambda: _choose_run_dir(config))
+
+
+def _choose_run_dir(config: Config) -> tuple[Config, Path]:
     if config.resume and config.run_name is None:
         runs = find_runs(config.output_dir)
         if not runs:
@@ -79,7 +88,6 @@ def prepare_run_dir(config: Config) -> tuple[Config, Path]:
             f"The run folder {run_dir} already exists and is not empty. Choose another --run_name, "
             "or pass --resume to continue that run from its newest checkpoint."
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
     return config, run_dir
 
 
@@ -104,6 +112,21 @@ def load_dataset_splits(config: Config) -> DataSplits:
     if train is None:
         return DataSplits(None, [], val_dir, val_examples, train_stream=stream)
     return DataSplits(train.images, train.examples, val_dir, val_examples)
+
+
+@contextmanager
+def created_run_dir(run_dir: Path):
+    """Create the run folder (main process) for the block; if the block fails, a folder this call created is
+    removed again, so a run that never started training leaves nothing behind."""
+    existed = run_dir.exists()
+    distributed.on_main_process(run_dir.mkdir, parents=True, exist_ok=True)
+    distributed.barrier()  # the others write checkpoint pieces into it later
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            distributed.on_main_process(shutil.rmtree, run_dir, ignore_errors=True)
+        raise
 
 
 def load_splits(config: Config) -> DataSplits:
@@ -133,34 +156,39 @@ class CaptionScorer:
         self.references = references_of(splits.val)
 
     def caption(self, model) -> dict[str, str]:
-        from scripts.inference import caption_folder, caption_pixel_values
+        """Captions of every validation image; each rank captions its share and all get every caption."""
+        from scripts.inference import caption_across_ranks, caption_pixel_values
 
         names = sorted(self.references)
         if self.cache is None:
-            return caption_folder(
+            return caption_across_ranks(
                 model, self.processor, self.splits.val_dir, names, self.config.batch_size,
                 self.config.generation_tokens, self.config.num_beams, progress=False,
             ).captions
         # From the cached features: no image decoded, no vision tower run (see models/vision_cache.py).
-        names = [n for n in names if self.cache.is_filled(VAL_KEY + n)]
+        mine = distributed.split_for_rank([n for n in names if self.cache.is_filled(VAL_KEY + n)])
         captions, was_training = {}, model.training
         model.eval()
-        for start in range(0, len(names), self.config.batch_size):
-            batch = names[start : start + self.config.batch_size]
+        for start in range(0, len(mine), self.config.batch_size):
+            batch = mine[start : start + self.config.batch_size]
             features = as_pixel_values(torch.stack([self.cache.read(VAL_KEY + n) for n in batch]))
             texts = caption_pixel_values(model, self.processor, features, self.config.generation_tokens, self.config.num_beams)
             captions.update(zip(batch, texts))
         model.train(was_training)
-        return captions
+        return {name: text for part in distributed.all_gather_object(captions) for name, text in part.items()}
 
     def __call__(self, model, fgd: bool | None = None) -> tuple[dict, dict[str, str]]:
+        """Every rank captions its share of the images (call it on all ranks); the main process scores the
+        gathered captions and every rank gets the same scores, as best-model selection needs."""
         from utils.evaluation import compute_caption_metrics, score_captions
 
         captions = self.caption(model)
         predictions = {name: captions.get(name, "") for name in self.references}
         if self.with_fgd if fgd is None else fgd:
-            return score_captions(predictions, self.references, self.config.fgd_model), predictions
-        return compute_caption_metrics(predictions, self.references), predictions
+            scores = distributed.run_on_main(lambda: score_captions(predictions, self.references, self.config.fgd_model))
+        else:
+            scores = distributed.run_on_main(lambda: compute_caption_metrics(predictions, self.references))
+        return scores, predictions
 
 
 class _EpochDataLoader(DataLoader):
@@ -200,7 +228,7 @@ class CaptionTrainer(Trainer):
     def get_train_dataloader(self):
         # A stream that splits itself across ranks (hf_datasets.StreamingCaptionDataset) must not be split
         # again, or dispatched from rank 0, by Accelerate.
-        if getattr(self.train_dataset, "split_by_rank", False) and world_size() > 1:
+        if getattr(self.train_dataset, "split_by_rank", False) and distributed.world_size() > 1:
             return _EpochDataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
                                     num_workers=self.args.dataloader_num_workers)
         return super().get_train_dataloader()
@@ -278,6 +306,9 @@ def build_training_args(config: Config, run_dir: Path, has_val: bool, device: st
         disable_tqdm=not sys.stderr.isatty(),  # in a log file, the step lines below say how far it got
         bf16=autocast == "bf16",
         fp16=autocast == "fp16",  # autocast plus the Trainer's loss scaling
+        # Several processes: DDP over the LoRA weights, every one of which gets a gradient each step.
+        ddp_find_unused_parameters=False,
+        ddp_backend="gloo" if device == "cpu" and distributed.is_distributed() else None,
     )
 
 
@@ -301,12 +332,18 @@ def save_final_model(model, processor, run_dir: Path) -> Path:
     return final
 
 
+def effective_batch_size(config: Config) -> int:
+    """Images per optimizer step over all processes."""
+    return config.batch_size * config.gradient_accumulation * distributed.world_size()
+
+
 def write_run_config(config: Config, run_dir: Path, device: str, splits: DataSplits, truncated: int) -> None:
     settings = config.to_json_dict()
     settings.update(
         base_model=config.model_name, device=device, precision=describe_precision(config, device),
         compute_dtype=str(resolve_compute_dtype(config, device)).replace("torch.", ""),
         training_autocast=training_autocast(config, device),
+        world_size=distributed.world_size(), effective_batch_size=effective_batch_size(config),
         library_versions=library_versions(), created=datetime.now().isoformat(timespec="seconds"),
         num_train_examples=None if splits.train_stream is not None else len(splits.train), num_val_examples=len(splits.val),
         truncated_train_captions=truncated,
@@ -343,6 +380,11 @@ def warn_truncated_captions(processor, examples: list[Example], max_length: int)
 def log_settings(config: Config, run_dir: Path, device: str) -> None:
     logger.info("Run folder: %s", run_dir.resolve())
     logger.info("Precision: %s", describe_precision(config, device))
+    logger.info(
+        "Processes: %d; effective batch %d images per optimizer step (batch_size %d x gradient_accumulation %d x %d)",
+        distributed.world_size(), effective_batch_size(config), config.batch_size, config.gradient_accumulation,
+        distributed.world_size(),
+    )
     logger.info("Settings: %s", json.dumps(config.to_json_dict(), sort_keys=True))
 
 
@@ -359,9 +401,9 @@ def prepare_feature_cache(config: Config, run_dir: Path, model, processor, split
     sources += [(VAL_KEY + n, val_images, n) for n in sorted({e.image_name for e in splits.val})]
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(training_autocast(config, device))
     dtype = autocast or resolve_base_dtype(config, device)
-    examples_seen = config.max_steps * config.batch_size * config.gradient_accumulation * world_size() if config.max_steps > 0 else config.epochs * len(splits.train)
+    examples_seen = config.max_steps * effective_batch_size(config) if config.max_steps > 0 else config.epochs * len(splits.train)
     passes = examples_seen / max(1, len(sources))
-    folder = run_dir / "feature_cache" / f"node-{node_rank()}"
+    folder = run_dir / "feature_cache" / f"node-{distributed.node_rank()}"
     plan = plan_feature_cache(config.cache_image_features, wrapped_lora_layers(model), len(sources), passes,
                               feature_shape(model), dtype, folder)
     logger.info("Image feature cache %s: %s", "on" if plan.use else "off", plan.reason)
@@ -369,7 +411,8 @@ def prepare_feature_cache(config: Config, run_dir: Path, model, processor, split
         return None, 0.0, {}
     start = time.perf_counter()
     source = f"{config.model_name}|{config.quantization_bits}|{config.bnb_4bit_quant_type}|{dtype}"
-    store = FeatureStore(folder, [key for key, _, _ in sources], feature_shape(model), dtype, source)
+    with distributed.local_main_first():  # one process per machine creates the files, the others then open them
+        store = FeatureStore(folder, [key for key, _, _ in sources], feature_shape(model), dtype, source)
     skipped = fill_feature_cache(model, processor, store, sources, config.batch_size, config.num_workers, autocast)
     for key, reason in sorted(skipped.items())[:MAX_NAMES_IN_WARNING]:
         logger.warning("Skipping %s: %s", key, reason)
@@ -377,33 +420,40 @@ def prepare_feature_cache(config: Config, run_dir: Path, model, processor, split
 
 
 def train(config: Config) -> int:
-    """--train: fit LoRA adapters, write RUN/{run_config.json, final_model, checkpoints, logs, metrics.json}."""
+    """--train: fit LoRA adapters, write RUN/{run_config.json, final_model, checkpoints, logs, metrics.json}.
+
+    Under torchrun / accelerate launch every rank runs this; the main process alone writes the run folder's
+    files (the Trainer's checkpoints hold one RNG state per rank).
+    """
     config, run_dir = prepare_run_dir(config)
     device = resolve_device()
     log_settings(config, run_dir, device)
+    # Data and model are checked before the run folder exists, so a bad flag leaves no folder behind.
     splits = load_splits(config)
     processor = load_processor(config.model_name, config.trust_remote_code)
     model = prepare_for_training(load_base_model(config, device), config)
     truncated = warn_truncated_captions(processor, splits.train, config.max_length)
-    if config.resume:
-        record_resume(config, run_dir)
-    else:
-        write_run_config(config, run_dir, device, splits, truncated)
-    cache, cache_seconds, _ = prepare_feature_cache(config, run_dir, model, processor, splits, device)
-    scorer = CaptionScorer(processor, splits, config, bool(config.fgd_model), cache) if splits.val else None
-    trainer, timer = build_trainer(config, run_dir, model, processor, splits, scorer, device, cache)
     precision = describe_precision(config, device)
     metrics = {"run_dir": str(run_dir), "device": device, "precision": precision,
+               "world_size": distributed.world_size(), "effective_batch_size": effective_batch_size(config),
                "before_model": f"the base without the adapter, as trained on: {precision}",
                "after_model": "the same base with the trained adapter"}
+    with created_run_dir(run_dir):
+        if config.resume:
+            distributed.on_main_process(record_resume, config, run_dir)
+        else:
+            distributed.on_main_process(write_run_config, config, run_dir, device, splits, truncated)
+        cache, cache_seconds, _ = prepare_feature_cache(config, run_dir, model, processor, splits, device)
+        scorer = CaptionScorer(processor, splits, config, bool(config.fgd_model), cache) if splits.val else None
+        trainer, timer = build_trainer(config, run_dir, model, processor, splits, scorer, device, cache)
+        log_data_shards(trainer, splits.train)
     with vision_from_cache(model) if cache is not None else contextlib.nullcontext():
         if scorer is not None and not config.resume:
             metrics["before"], before_captions = scorer(model)
             logger.info("Validation caption metrics of the base before training (%s):\n%s", precision,
                         format_metrics_table(metrics["before"]))
-            write_json_atomic(run_dir / "metrics.json", metrics)  # kept if the run is interrupted and resumed
-            if is_main_process():
-                save_val_predictions(run_dir, before=before_captions)  # the report's base-model captions
+            distributed.on_main_process(write_json_atomic, run_dir / "metrics.json", metrics)  # kept for --resume
+            distributed.on_main_process(save_val_predictions, run_dir, before=before_captions)  # the report's base captions
         checkpoint = latest_checkpoint(run_dir) if config.resume else None
         # Scoring before training draws from the random generators (DataLoader seeds); reseeding makes
         # the training itself (dropout masks, data order) the same whatever ran before it.
@@ -411,16 +461,16 @@ def train(config: Config) -> int:
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=checkpoint)
         metrics.update(training_metrics(result, timer, time.perf_counter() - start, cache_seconds, config, device))
-        final = save_final_model(trainer.model, processor, run_dir)
+        final = distributed.on_main_process(save_final_model, trainer.model, processor, run_dir)
         if scorer is not None:
             metrics["val_loss"] = Trainer.evaluate(trainer)["eval_loss"]
             metrics["after"], predictions = scorer(trainer.model)
             metrics["sample_captions"] = dict(list(predictions.items())[:5])
     if cache is not None:
-        cache.remove()  # as large as the images' features; a later --resume encodes them again
-    finish_metrics(run_dir, metrics)
-    if is_main_process():
-        write_report_records(run_dir, trainer, splits, scorer, predictions if scorer is not None else None)
+        distributed.barrier()  # every rank is done reading it
+        distributed.on_main_process(cache.remove)  # as large as the images' features; --resume encodes them again
+    distributed.on_main_process(finish_metrics, run_dir, metrics)
+    distributed.on_main_process(write_report_records, run_dir, trainer, splits, scorer, predictions if scorer is not None else None)
     logger.info("Adapter saved to %s", final)
     logger.info("Run folder: %s", run_dir.resolve())
     return 0
@@ -443,6 +493,21 @@ def write_report_records(run_dir: Path, trainer, splits: DataSplits, scorer, aft
         write_training_report(run_dir, splits.val_dir, scorer.references, trainer.args.seed)
 
 
+def log_data_shards(trainer: Trainer, examples: list[Example]) -> None:
+    """Log, from the Trainer's own sampler, how many examples each rank trains on per epoch and its first batch.
+
+    Reads the sampler's indices only (no image is loaded); one line per rank, from the main process.
+    """
+    if isinstance(trainer.train_dataset, torch.utils.data.IterableDataset):
+        return  # a stream: utils/hf_datasets.py splits its shards by rank and says so
+    examples = getattr(trainer.train_dataset, "examples", examples)  # the cache leaves out unreadable images
+    batches = list(trainer.get_train_dataloader().batch_sampler)
+    first = [examples[i].image_name for i in batches[0]] if batches else []
+    shards = distributed.all_gather_object((sum(len(b) for b in batches), first))
+    for rank, (count, names) in enumerate(shards):
+        logger.info("Rank %d trains on %d examples per epoch; first batch: %s", rank, count, ", ".join(names))
+
+
 def build_datasets(config: Config, processor, splits: DataSplits, cache: FeatureStore | None):
     """(train, eval or None, collator): decoded images, or the cached features of models/vision_cache.py."""
     if cache is None:
@@ -462,16 +527,14 @@ def build_trainer(config, run_dir, model, processor, splits, scorer, device, cac
         config = config.replace(num_workers=0)
     args = build_training_args(config, run_dir, val_data is not None, device, training_autocast(config, device))
     timer = StepTimer()
-    (run_dir / "logs").mkdir(exist_ok=True)
-    tensorboard = TensorBoardCallback(tb_writer=SummaryWriter(str(run_dir / "logs")))
-    tensorboard.logging_dir = str(run_dir / "logs")  # where it reopens its writer after training ends
+    tensorboard = distributed.on_main_process(tensorboard_callback, run_dir)  # one events file, from rank 0
     trainer = CaptionTrainer(
         model=model,
         args=args,
         train_dataset=train_data,
         eval_dataset=val_data,
         data_collator=collator,
-        callbacks=[tensorboard, timer],
+        callbacks=[c for c in (tensorboard, timer) if c is not None],
         caption_scorer=scorer if config.metric_for_best_model != "loss" else None,
     )
     for printing in (PrinterCallback, ProgressCallback):
@@ -479,6 +542,13 @@ def build_trainer(config, run_dir, model, processor, splits, scorer, device, cac
             trainer.add_callback(QuietProgressCallback())
     trainer.add_callback(LogToLogging())
     return trainer, timer
+
+
+def tensorboard_callback(run_dir: Path) -> TensorBoardCallback:
+    (run_dir / "logs").mkdir(exist_ok=True)
+    tensorboard = TensorBoardCallback(tb_writer=SummaryWriter(str(run_dir / "logs")))
+    tensorboard.logging_dir = str(run_dir / "logs")  # where it reopens its writer after training ends
+    return tensorboard
 
 
 def latest_checkpoint(run_dir: Path) -> str | None:
@@ -495,7 +565,7 @@ def latest_checkpoint(run_dir: Path) -> str | None:
 
 def training_metrics(result, timer: StepTimer, seconds: float, cache_seconds: float, config: Config, device: str) -> dict:
     """Speed counts every second of this session's training: filling the feature cache, steps, evaluations, saving."""
-    images_per_step = config.batch_size * config.gradient_accumulation * world_size()
+    images_per_step = effective_batch_size(config)  # all processes: the step time is the slowest rank's
     all_seconds = seconds + cache_seconds
     per_step = all_seconds / timer.steps if timer.steps else None
     return {

@@ -314,7 +314,6 @@ def test_unreachable_hub_model_fails_in_seconds(tmp_path, data_dir, monkeypatch,
     assert "--model_name 'microsoft/git-base'" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=False, reason="issue 9 removes the run folder of a run that fails before training starts")
 def test_failed_hub_run_leaves_no_run_folder(tmp_path, tiny_model_dir):
     assert main(_dataset_cmd(tiny_model_dir, tmp_path, "--run_name", "hub", "--dataset", "someone/captions")) == 2
     assert not (tmp_path / "hub").exists()

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from utils import distributed
 from utils.errors import UserInputError
 
 MODES = ("train", "eval", "inference", "merge_weights", "demo")
@@ -206,11 +207,29 @@ def _check_dataset_flags(config: Config, problems: list[str]) -> None:
     _check_range(problems, "--shuffle_buffer", config.shuffle_buffer, 0)
 
 
+def _check_launch(config: Config, problems: list[str]) -> None:
+    """What --resume means per mode, and which modes run on several processes (torchrun / accelerate launch)."""
+    if config.resume and not (config.mode == "train" or (config.mode == "inference" and config.test_dir is not None)):
+        problems.append(
+            "--resume continues --train (from the newest checkpoint) or --inference --test_dir (captioning only the "
+            f"images an interrupted job left); it has no meaning for --{config.mode}"
+            f"{' --test_image' if config.test_image is not None else ''}. Leave it out."
+        )
+    single = config.mode in ("merge_weights", "demo") or (config.mode == "inference" and config.test_image is not None)
+    if single and distributed.is_distributed():
+        what = "--inference --test_image" if config.mode == "inference" else f"--{config.mode}"
+        problems.append(
+            f"{what} runs in one process, but this was launched with {distributed.world_size()} processes. "
+            "Run it with plain `python git_qlora_main.py ...`; only --train, --inference --test_dir and --eval use several."
+        )
+
+
 def validate(config: Config) -> Config:
     """Raise one UserInputError that lists every problem found, each naming its flag."""
     problems: list[str] = []
     _check_mode_inputs(config, problems)
     _check_dataset_flags(config, problems)
+    _check_launch(config, problems)
     _check_numbers(config, problems)
     _check_choices(config, problems)
     if problems:

@@ -101,3 +101,72 @@ def replace_folder_atomically(tmp: Path, final: Path) -> None:
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Resumable captioning: one append-only part file per rank, assembled once at the end
+# ---------------------------------------------------------------------------
+
+
+def caption_parts_dir(target: Path) -> Path:
+    """Where the part files of a captioning job writing `target` live: a hidden folder beside it."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.parts")
+
+
+class CaptionPartWriter:
+    """Appends `image_name,caption,skipped_reason` rows to PARTS/rank-NNNNN.csv, flushed after every batch,
+    so a killed job loses at most the batch in flight. A half-written last line left by a kill is cut
+    off before appending (it would otherwise run into the next row)."""
+
+    def __init__(self, parts_dir: Path, rank: int):
+        self.path = Path(parts_dir) / f"rank-{rank:05d}.csv"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_partial_last_line(self.path)
+        self._handle = open(self.path, "a", encoding="utf-8", newline="")
+        self._writer = csv.writer(self._handle, lineterminator="\n")
+
+    def append(self, captions: dict[str, str], skipped: dict[str, str]) -> None:
+        self._writer.writerows([name, caption, ""] for name, caption in captions.items())
+        self._writer.writerows([name, "", reason or "unreadable"] for name, reason in skipped.items())
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "CaptionPartWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _drop_partial_last_line(path: Path) -> None:
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
+
+
+def read_caption_parts(parts_dir: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(captions, skipped) from every part file in parts_dir, whatever number of ranks wrote them.
+
+    Only complete rows count: text after the last newline (a row cut off by a kill) and rows without
+    exactly three fields are ignored, so those images are captioned again.
+    """
+    captions: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    for path in sorted(Path(parts_dir).glob("rank-*.csv")):
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        text = text[: text.rfind("\n") + 1]
+        for row in csv.reader(io.StringIO(text, newline="")):
+            if len(row) != 3 or not row[0]:
+                continue
+            name, caption, reason = row
+            if reason:
+                skipped[name] = reason
+            else:
+                captions[name] = caption
+    return captions, skipped
