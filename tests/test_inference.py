@@ -103,7 +103,7 @@ def test_merged_model_runs_with_plain_transformers(merged_run, data_dir):
     ids = model.generate(pixel_values=pixel_values, max_new_tokens=10)
     caption = processor.batch_decode(ids, skip_special_tokens=True)[0]
     config = apply_run_settings(Config(mode="inference"), load_run_config(merged_run))
-    adapter = load_adapter_model(config, merged_run / "final_model", "cpu")
+    adapter = load_adapter_model(config.replace(bnb_4bit_compute_dtype="float32"), merged_run / "final_model", "cpu")
     assert caption.strip() == generate_captions(adapter, processor, [image], max_new_tokens=10)[0]
 
 
@@ -112,7 +112,7 @@ def test_merged_captions_agree_with_the_adapter(merged_run, data_dir):
     assert report["images"] == 8 and report["caption_agreement"] >= 0.9
     # Independent check, not the report's own numbers: caption the test images with both models.
     config = apply_run_settings(Config(mode="inference"), load_run_config(merged_run))
-    adapter = load_adapter_model(config, merged_run / "final_model", "cpu")
+    adapter = load_adapter_model(config.replace(bnb_4bit_compute_dtype="float32"), merged_run / "final_model", "cpu")
     merged = AutoModelForCausalLM.from_pretrained(merged_run / "merged_model").eval()
     processor = AutoProcessor.from_pretrained(merged_run / "merged_model")
     images = [load_image(p)[0] for p in sorted((data_dir / "test").glob("*.png"))]
@@ -133,9 +133,10 @@ def test_dequantized_merge_is_closer_than_original(merged_run):
 
 def test_use_merged_captions_like_the_adapter(merged_run, data_dir, capsys):
     image = str(data_dir / "test" / "img_00001.png")
-    assert main(["--inference", "--test_image", image, "--output_dir", str(merged_run), "--max_new_tokens", "8"]) == 0
+    exact = ["--bnb_4bit_compute_dtype", "float32"]  # the exact path: no bf16 rounding in either model
+    assert main(["--inference", "--test_image", image, "--output_dir", str(merged_run), "--max_new_tokens", "8", *exact]) == 0
     adapter_caption = capsys.readouterr().out
-    assert main(["--inference", "--test_image", image, "--output_dir", str(merged_run), "--max_new_tokens", "8", "--use_merged"]) == 0
+    assert main(["--inference", "--test_image", image, "--output_dir", str(merged_run), "--max_new_tokens", "8", "--use_merged", *exact]) == 0
     assert capsys.readouterr().out == adapter_caption
 
 

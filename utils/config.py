@@ -20,8 +20,10 @@ MERGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "rouge_1", "rouge_2")
 DEFAULT_TARGET_MODULES = ("query", "key", "value", "dense")  # every Linear of GIT's text decoder
 # Settings that define the trained model; later modes take them from the run, not the command line.
+# The compute dtype is not among them: it is how the model runs, not what it is (--bnb_4bit_compute_dtype
+# float32 gives any run the exact path).
 MODEL_KEYS = (
-    "model_name", "quantization_bits", "bnb_4bit_quant_type", "bnb_4bit_compute_dtype",
+    "model_name", "quantization_bits", "bnb_4bit_quant_type",
     "bnb_4bit_use_double_quant", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
     "max_length", "trust_remote_code",
 )
