@@ -23,6 +23,8 @@ from utils.io import read_predictions_file
 
 logger = logging.getLogger(__name__)
 
+FP32_CAPTIONS = "captions_fp32.csv"  # the exact path's captions of the test pictures, beside captions.csv
+
 # What a demo folder holds; a rerun replaces these and nothing else.
 DEMO_ENTRIES = ("data", "base_model", "eval_before", "run", "demo_report.json")
 
@@ -173,7 +175,11 @@ def build_report(out: Path, plan: DemoPlan, base: str, pretraining: dict | None,
     after_caps = read_predictions_file(run / "eval_predictions.csv")
     distinct = {"before": distinct_captions(before_caps), "after": distinct_captions(after_caps), "test_images": len(after_caps)}
     merge = json.loads((run / "merge_report.json").read_text(encoding="utf-8"))
+    fast, exact = read_predictions_file(run / "captions.csv"), read_predictions_file(run / FP32_CAPTIONS)
+    agree = sum(fast.get(name) == caption for name, caption in exact.items()) / max(1, len(exact))
     return {
+        "fast_vs_fp32": {"caption_agreement": agree, "images": len(exact), "fast_path": read_metrics(run / "eval_results.json").get("precision")
+                         or json.loads((run / "metrics.json").read_text(encoding="utf-8")).get("precision")},
         "before": before,
         "after": after,
         "seconds": {**seconds, "total": round(sum(seconds.values()), 2)},
@@ -196,7 +202,8 @@ def format_report(report: dict) -> str:
              format_metrics_table(report["before"], report["after"]), "",
              "distinct captions: {before} before, {after} after, of {test_images} pictures".format(**report["distinct_captions"]), "",
              "seconds per stage:"]
-    lines += [f"  {name:<12} {seconds:8.1f}" for name, seconds in report["seconds"].items()]
+    lines += [f"  {name:<14} {seconds:8.1f}" for name, seconds in report["seconds"].items()]
+    lines += ["", "captions of the fast path ({fast_path}) equal to the fp32 path's: {caption_agreement:.0%} of {images}".format(**report["fast_vs_fp32"])]
     lines += ["", "samples (before -> after | a reference):"]
     lines += [f"  {s['image']}: {s['before']!r} -> {s['after']!r} | {s['references'][:1]}" for s in report["samples"]]
     return "\n".join(lines)
@@ -239,6 +246,10 @@ def run_modes(config: Config, plan: DemoPlan, out: Path, base: str, timer: Stage
         run_mode_or_fail(run_evaluation, mode_config(config, mode="eval", output_dir=run, **test))
     with timer.stage("inference", f"--inference on {data / 'test'}"):
         run_mode_or_fail(run_inference, mode_config(config, mode="inference", output_dir=run, **test))
+    # The same captions on the exact path, to show the fast (bf16 where native) path says the same things.
+    with timer.stage("inference_fp32", "--inference --bnb_4bit_compute_dtype float32 (the exact path)"):
+        run_mode_or_fail(run_inference, mode_config(config, mode="inference", output_dir=run, **test,
+                                                    bnb_4bit_compute_dtype="float32", predictions_file=run / FP32_CAPTIONS))
     with timer.stage("merge", "--merge_weights"):
         run_mode_or_fail(merge_weights, mode_config(config, mode="merge_weights", output_dir=run))
 

@@ -154,3 +154,4 @@ def test_full_demo_shows_learning(tmp_path):
     assert report["before"]["bleu_4"] < report["after"]["bleu_4"] - 0.2  # the style really was new to the base
     assert all(target["met"] for target in report["targets"].values()) and report["targets_apply"]
     assert report["seconds"]["total"] < 600
+    assert report["fast_vs_fp32"]["caption_agreement"] >= 0.95 and report["fast_vs_fp32"]["images"] == 60
