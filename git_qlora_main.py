@@ -11,6 +11,19 @@ from pathlib import Path
 # process shares the cores (seen on 2-core machines); a short spin keeps idle speed.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
+
+def return_freed_memory_to_the_os() -> None:
+    """glibc keeps freed tensor buffers of up to 32 MB in its heap for reuse; training held ~1 GB of them
+    (git-base-sized model, CPU). Buffers over 4 MB then go to mmap and back to the OS when freed, at no
+    measured cost in step time."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 4 * 2**20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+            pass
+
 from utils import distributed  # noqa: E402
 from utils.config import DEFAULT_TARGET_MODULES, Config, validate  # noqa: E402
 from utils.errors import UserInputError  # noqa: E402
@@ -57,7 +70,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bnb_4bit_use_double_quant", action=argparse.BooleanOptionalAction, default=True, help="quantize the quantization constants too")
     g.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
     g.add_argument("--lora_alpha", type=float, default=32, help="LoRA scaling numerator (scale = alpha / r)")
-    g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA input (0: none; drawing its masks was a third of a CPU training step)")
     g.add_argument("--lora_target_modules", default=",".join(DEFAULT_TARGET_MODULES), help="comma-separated Linear layer names to adapt")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
     g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off by default)")
@@ -194,6 +207,7 @@ def run_mode(config: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return_freed_memory_to_the_os()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

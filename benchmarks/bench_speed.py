@@ -15,6 +15,7 @@ memory mean anything. Peak memory is each process's max RSS. Writes OUT/bench_sp
 
 import argparse
 import csv
+import shutil
 import json
 import os
 import re
@@ -34,7 +35,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", type=Path, default=Path("results/bench_speed"))
     parser.add_argument("--train_images", type=int, default=64, help="training pictures, one caption each")
-    parser.add_argument("--test_images", type=int, default=32, help="pictures to caption")
+    parser.add_argument("--test_images", type=int, default=96, help="pictures to caption (enough that the first batch's warm-up is a small share)")
     parser.add_argument("--reference_steps", type=int, default=8, help="timed steps of the full fine-tune (after one warm-up)")
     parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one measurement in this process
     return parser.parse_args()
@@ -50,7 +51,8 @@ def prepare(out: Path, args) -> None:
     from utils.demo_data import every_caption, write_demo_dataset
 
     data = out / "data"
-    if not (data / "one_caption.csv").is_file():
+    if not (data / "one_caption.csv").is_file() or len(list((data / "test").glob("*.png"))) != args.test_images:
+        shutil.rmtree(data, ignore_errors=True)
         write_demo_dataset(data, args.train_images, args.test_images, seed=0, size=GIT_BASE_SIZE.image_size)
         with open(data / "captions.csv", newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
@@ -179,8 +181,6 @@ def main() -> int:
         os.environ.setdefault("GOMP_SPINCOUNT", "1000")
         print(json.dumps(PARTS[args.part](out, args)))
         return 0
-    import shutil
-
     import torch
 
     prepare(out, args)

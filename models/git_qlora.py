@@ -237,9 +237,18 @@ def prepare_for_training(model, config: Config):
     return model
 
 
+def captions_from_dequantized_base(config: Config, device: str) -> bool:
+    """True where captioning is faster on the 4-bit weights dequantized once to bf16 than on the 4-bit kernels:
+    CPUs with native bf16. Same values (the 4-bit kernels dequantize to the compute dtype on every call, and
+    generation calls them once per token); about 350 MB instead of 100 MB for a git-base-sized model."""
+    return (device == "cpu" and config.quantization_bits == 4 and resolve_compute_dtype(config, device) == torch.bfloat16)
+
+
 def load_adapter_model(config: Config, adapter_dir: Path, device: str, for_training: bool = False):
     """The quantized base (from config.model_name) with a saved LoRA adapter; eval mode unless training."""
     base = load_base_model(config, device)
+    if not for_training and captions_from_dequantized_base(config, device):
+        base = base.dequantize(dtype=torch.bfloat16)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=for_training)
     if for_training:
         keep_4bit_weights_unpacked(model)

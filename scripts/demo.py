@@ -234,11 +234,15 @@ def run_modes(config: Config, plan: DemoPlan, out: Path, base: str, timer: Stage
     with timer.stage("eval_before", f"--eval of the base model {base}"):
         run_mode_or_fail(run_evaluation, mode_config(config, mode="eval", model_name=base, output_dir=out / "eval_before", **test))
     learning_rate = plan.hub_learning_rate if config.model_name else plan.learning_rate
+    # The demo's own 128-wide model trains faster in fp32 (0.030 vs 0.037 s per step here): its matrices are
+    # too small for bf16 to pay for the casts. A git-base-sized --model_name keeps auto (bf16 where native).
+    small_model_dtype = "float32" if config.model_name is None and config.bnb_4bit_compute_dtype == "auto" else None
     train_config = mode_config(
         config, mode="train", train_dir=data / "train", model_name=base, output_dir=out, run_name=run.name,
         quantization_bits=4, lora_r=plan.lora_r, lora_alpha=plan.lora_alpha, max_steps=plan.train_steps,
         eval_steps=plan.train_steps, learning_rate=learning_rate, logging_steps=max(1, plan.train_steps // 10),
         save_total_limit=1, **{**test, "batch_size": plan.batch_size},
+        **({"bnb_4bit_compute_dtype": small_model_dtype} if small_model_dtype else {}),
     )
     with timer.stage("train", f"--train: QLoRA on a 4-bit NF4 base, {plan.train_steps} steps"):
         run_mode_or_fail(train, train_config)

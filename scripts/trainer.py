@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 # Keys of the feature cache: a training and a validation image may share a name.
 TRAIN_KEY, VAL_KEY = "train/", "val/"
+FILL_BATCH = 16  # images per vision-tower forward while filling the cache (0.128 vs 0.2 s per image at 4, git-base, CPU)
 
 
 @dataclass
@@ -413,7 +414,8 @@ def prepare_feature_cache(config: Config, run_dir: Path, model, processor, split
     source = f"{config.model_name}|{config.quantization_bits}|{config.bnb_4bit_quant_type}|{dtype}"
     with distributed.local_main_first():  # one process per machine creates the files, the others then open them
         store = FeatureStore(folder, [key for key, _, _ in sources], feature_shape(model), dtype, source)
-    skipped = fill_feature_cache(model, processor, store, sources, config.batch_size, config.num_workers, autocast)
+    # Encoding has no backward pass to hold activations for: larger batches use the matrix units better.
+    skipped = fill_feature_cache(model, processor, store, sources, max(config.batch_size, FILL_BATCH), config.num_workers, autocast)
     for key, reason in sorted(skipped.items())[:MAX_NAMES_IN_WARNING]:
         logger.warning("Skipping %s: %s", key, reason)
     return store, time.perf_counter() - start, skipped

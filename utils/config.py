@@ -60,7 +60,7 @@ class Config:
     bnb_4bit_use_double_quant: bool = True
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     lora_target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
