@@ -168,7 +168,7 @@ def check_targets(before: dict, after: dict, distinct_after: int) -> dict:
     return {name: {"value": values[name], "target": bar, "met": values[name] >= bar} for name, bar in TARGETS.items()}
 
 
-def build_report(out: Path, plan: DemoPlan, base: str, pretraining: dict | None, seconds: dict) -> dict:
+def build_report(out: Path, plan: DemoPlan, base: str, pretraining: dict | None, seconds: dict, fast_path: str) -> dict:
     run = out / "run"
     before, after = read_metrics(out / "eval_before" / "eval_results.json"), read_metrics(run / "eval_results.json")
     before_caps = read_predictions_file(out / "eval_before" / "eval_predictions.csv")
@@ -178,8 +178,7 @@ def build_report(out: Path, plan: DemoPlan, base: str, pretraining: dict | None,
     fast, exact = read_predictions_file(run / "captions.csv"), read_predictions_file(run / FP32_CAPTIONS)
     agree = sum(fast.get(name) == caption for name, caption in exact.items()) / max(1, len(exact))
     return {
-        "fast_vs_fp32": {"caption_agreement": agree, "images": len(exact), "fast_path": read_metrics(run / "eval_results.json").get("precision")
-                         or json.loads((run / "metrics.json").read_text(encoding="utf-8")).get("precision")},
+        "fast_vs_fp32": {"caption_agreement": agree, "images": len(exact), "fast_path": fast_path},
         "before": before,
         "after": after,
         "seconds": {**seconds, "total": round(sum(seconds.values()), 2)},
@@ -193,6 +192,15 @@ def build_report(out: Path, plan: DemoPlan, base: str, pretraining: dict | None,
         "paths": {"data": str(out / "data"), "base_model": str(out / "base_model") if pretraining else None,
                   "run": str(run), "merged_model": str(run / "merged_model"), "captions": str(run / "captions.csv")},
     }
+
+
+def captioning_precision(config: Config) -> str:
+    """How --inference ran in the demo: the compute dtype --bnb_4bit_compute_dtype resolved to here."""
+    from models.git_qlora import resolve_compute_dtype, resolve_device
+
+    device = resolve_device()
+    dtype = str(resolve_compute_dtype(config.replace(quantization_bits=4), device)).replace("torch.", "")
+    return f"--bnb_4bit_compute_dtype {config.bnb_4bit_compute_dtype}: {dtype} on {device}"
 
 
 def format_report(report: dict) -> str:
@@ -269,7 +277,7 @@ def run_demo(config: Config, plan: DemoPlan | None = None) -> int:
     prepare_demo_dir(out)
     base, pretraining = prepare_inputs(config, plan, out, timer)
     run_modes(config, plan, out, base, timer)
-    report = build_report(out, plan, base, pretraining, timer.seconds)
+    report = build_report(out, plan, base, pretraining, timer.seconds, captioning_precision(config))
     report.update(demo_scale=config.demo_scale, seed=config.seed,
                   targets_apply=config.demo_scale == 1.0 and config.model_name is None)
     write_json_atomic(out / "demo_report.json", report)
