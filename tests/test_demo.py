@@ -22,7 +22,7 @@ from scripts.inference import generate_captions
 from utils import demo_data
 from utils.config import Config
 
-STAGES = ("data", "base_model", "eval_before", "train", "eval_after", "inference", "merge")
+STAGES = ("data", "base_model", "eval_before", "train", "eval_after", "inference", "inference_fp32", "merge")
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +59,11 @@ def test_demo_at_reduced_scale_runs_every_mode(tmp_path, capsys, caplog):
     _check_data_folder(out / "data", plan)
 
     report = json.loads((out / "demo_report.json").read_text())
-    assert {"before", "after", "seconds", "samples", "distinct_captions", "targets", "merge"} <= report.keys()
+    assert {"before", "after", "seconds", "samples", "distinct_captions", "targets", "merge", "fast_vs_fp32"} <= report.keys()
+    # The exact path's captions were written beside the fast path's, and the agreement counts both files.
+    fast, exact = ({r["image_name"]: r["caption"] for r in _read_rows(out / "run" / f)} for f in ("captions.csv", "captions_fp32.csv"))
+    assert len(exact) == plan.test_images and report["fast_vs_fp32"]["caption_agreement"] == sum(
+        fast[n] == c for n, c in exact.items()) / len(exact)
     assert set(report["seconds"]) == set(STAGES) | {"total"} and all(s >= 0 for s in report["seconds"].values())
     for when, folder in (("before", out / "eval_before"), ("after", out / "run")):
         results = json.loads((folder / "eval_results.json").read_text())
