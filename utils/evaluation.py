@@ -14,8 +14,6 @@ import torch
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
-from rouge_score import rouge_scorer
-from scipy import linalg
 from tqdm.auto import tqdm
 
 from utils.dataset_utils import format_names, warn_names
@@ -114,6 +112,8 @@ def _compute_coco_metrics(hypotheses: dict[str, str], references: dict[str, list
 
 def _compute_rouge_n(hypotheses: dict[str, str], references: dict[str, list[str]]) -> dict:
     """ROUGE-1/2 F-measure from rouge_score, best reference per image, averaged over images."""
+    from rouge_score import rouge_scorer  # imported here: it brings nltk (~60 MB), and training may never score
+
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2"])
     totals = {"rouge1": 0.0, "rouge2": 0.0}
     for name, caption in hypotheses.items():
@@ -171,6 +171,7 @@ def _is_singular(sigma: np.ndarray) -> bool:
 
 def _sqrtm_product(sigma1: np.ndarray, sigma2: np.ndarray) -> tuple[np.ndarray, float]:
     """sqrtm(sigma1 @ sigma2) and the largest imaginary part it had (nan when not finite)."""
+    from scipy import linalg  # imported here: only FGD needs it
     # Singular or ill-conditioned products make scipy warn; the caller checks the result instead.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
