@@ -22,17 +22,17 @@ from models.git_qlora import (
     describe_precision, load_base_model, load_processor, prepare_for_training, resolve_base_dtype, resolve_compute_dtype,
     resolve_device, training_autocast, wrapped_lora_layers,
 )
+from models.vision_cache import as_pixel_values, feature_shape, fill_feature_cache, plan_feature_cache, vision_from_cache
 from scripts.report import save_train_history, save_val_predictions, write_training_report
 from utils import distributed
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
-from models.vision_cache import as_pixel_values, feature_shape, fill_feature_cache, plan_feature_cache, vision_from_cache
 from utils.dataset_utils import (
     MAX_NAMES_IN_WARNING, CachedFeatureDataset, CaptionCollator, CaptionDataset, Example, FeatureCaptionCollator,
     as_image_source, collect_examples, find_truncated_captions, split_by_image,
 )
-from utils.feature_store import FeatureStore
 from utils.errors import UserInputError
 from utils.evaluation import format_metrics_table
+from utils.feature_store import FeatureStore
 from utils.io import replace_folder_atomically, write_json_atomic
 
 logger = logging.getLogger(__name__)
