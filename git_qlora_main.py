@@ -167,17 +167,13 @@ def setup_logging() -> None:
     for handler in set(root.handlers) - existing:
         handler.addFilter(OncePerProcess())
         logging.captureWarnings(True)  # Python warnings go through that handler too, so each shows once
-    if not main:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     # bitsandbytes looks for optional CPU kernels on the hub; offline that warning is noise.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score announces its tokenizer
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for category, message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
-    if not sys.stderr.isatty():  # loading and download bars only clutter a log file
+    if not main or not sys.stderr.isatty():  # one rank's bars suffice; in a log file they only clutter
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         from transformers.utils import logging as transformers_logging
 

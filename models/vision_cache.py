@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
-from utils.distributed import barrier, shard_for_local_rank
+from utils.dataset_utils import ImageItems
+from utils.distributed import barrier, local_rank, local_world_size, split_for_rank
 from utils.errors import UserInputError
 from utils.feature_store import FeatureStore, feature_cache_bytes
 
@@ -143,21 +144,6 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
-class _KeyedImages(torch.utils.data.Dataset):
-    """(key, image or None, reason) per (key, image source, name); decoded in DataLoader workers."""
-
-    def __init__(self, items: list[tuple[str, object, str]]):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index):
-        key, source, name = self.items[index]
-        image, reason = source.load(name)
-        return key, image, reason
-
-
 def fill_feature_cache(
     model, processor, store: FeatureStore, sources: list[tuple[str, object, str]], batch_size: int, num_workers: int,
     autocast_dtype: torch.dtype | None,
@@ -165,9 +151,9 @@ def fill_feature_cache(
     """Encode every image of `sources` (key, image source, name) not yet in the store, this machine's
     process's share of them; returns the keys of unreadable images with the reason. Ranks then wait for each other."""
     missing = set(store.missing())
-    todo = shard_for_local_rank([item for item in sources if item[0] in missing])
+    todo = split_for_rank([item for item in sources if item[0] in missing], local_rank(), local_world_size())
     skipped: dict[str, str] = {}
-    loader = torch.utils.data.DataLoader(_KeyedImages(todo), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    loader = torch.utils.data.DataLoader(ImageItems(todo), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
     with tqdm(total=len(todo), desc="Caching image features", unit="img", disable=not todo or None) as bar:
         for batch in loader:
             good = [(key, image) for key, image, _ in batch if image is not None]

@@ -21,7 +21,7 @@ from models.git_qlora import (
 )
 from utils import distributed
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
-from utils.dataset_utils import as_image_source, list_images, load_image
+from utils.dataset_utils import ImageItems, as_image_source, list_images, load_image
 from utils.errors import UserInputError
 from utils.io import (
     CaptionPartWriter, caption_parts_dir, read_caption_parts, replace_folder_atomically, write_json_atomic,
@@ -41,21 +41,6 @@ class CaptionResult:
     @property
     def images_per_second(self) -> float:
         return len(self.captions) / self.seconds if self.seconds > 0 else 0.0
-
-
-class _ImageFiles(Dataset):
-    """Decodes one image per item (in DataLoader workers); a bad file yields its reason instead."""
-
-    def __init__(self, folder, names: list[str]):
-        self.images, self.names = as_image_source(folder), names  # a folder or e.g. rows of a `datasets` split
-
-    def __len__(self):
-        return len(self.names)
-
-    def __getitem__(self, index):
-        name = self.names[index]
-        image, reason = self.images.load(name)
-        return name, image, reason
 
 
 def _keep_lists(batch):
@@ -101,7 +86,11 @@ def caption_folder(
     on_batch(captions, skipped) is called as each batch finishes (e.g. to append it to a part file).
     """
     result = CaptionResult()
-    items = folder if isinstance(folder, torch.utils.data.Dataset) else _ImageFiles(folder, names)
+    if isinstance(folder, Dataset):
+        items = folder
+    else:  # a folder or e.g. rows of a `datasets` split
+        images = as_image_source(folder)
+        items = ImageItems([(name, images, name) for name in names])
     loader = DataLoader(items, batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_lists)
     was_training = model.training
     model.eval()

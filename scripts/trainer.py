@@ -392,11 +392,11 @@ def log_settings(config: Config, run_dir: Path, device: str) -> None:
 def prepare_feature_cache(config: Config, run_dir: Path, model, processor, splits: DataSplits, device: str):
     """Encode every training and validation image once, when --cache_image_features allows (see models/vision_cache.py).
 
-    Returns (store or None, seconds spent filling it, keys of images that could not be read).
+    Returns (store or None, seconds spent filling it); unreadable images are named in a warning.
     """
     if splits.train_stream is not None:
         logger.info("Image feature cache off: --streaming reads each image as it comes")
-        return None, 0.0, {}
+        return None, 0.0
     train_images, val_images = as_image_source(splits.train_dir), as_image_source(splits.val_dir)
     sources = [(TRAIN_KEY + n, train_images, n) for n in sorted({e.image_name for e in splits.train})]
     sources += [(VAL_KEY + n, val_images, n) for n in sorted({e.image_name for e in splits.val})]
@@ -409,7 +409,7 @@ def prepare_feature_cache(config: Config, run_dir: Path, model, processor, split
                               feature_shape(model), dtype, folder)
     logger.info("Image feature cache %s: %s", "on" if plan.use else "off", plan.reason)
     if not plan.use:
-        return None, 0.0, {}
+        return None, 0.0
     start = time.perf_counter()
     source = f"{config.model_name}|{config.quantization_bits}|{config.bnb_4bit_quant_type}|{dtype}"
     with distributed.local_main_first():  # one process per machine creates the files, the others then open them
@@ -418,7 +418,7 @@ def prepare_feature_cache(config: Config, run_dir: Path, model, processor, split
     skipped = fill_feature_cache(model, processor, store, sources, max(config.batch_size, FILL_BATCH), config.num_workers, autocast)
     for key, reason in sorted(skipped.items())[:MAX_NAMES_IN_WARNING]:
         logger.warning("Skipping %s: %s", key, reason)
-    return store, time.perf_counter() - start, skipped
+    return store, time.perf_counter() - start
 
 
 def train(config: Config) -> int:
@@ -445,7 +445,7 @@ def train(config: Config) -> int:
             distributed.on_main_process(record_resume, config, run_dir)
         else:
             distributed.on_main_process(write_run_config, config, run_dir, device, splits, truncated)
-        cache, cache_seconds, _ = prepare_feature_cache(config, run_dir, model, processor, splits, device)
+        cache, cache_seconds = prepare_feature_cache(config, run_dir, model, processor, splits, device)
         scorer = CaptionScorer(processor, splits, config, bool(config.fgd_model), cache) if splits.val else None
         trainer, timer = build_trainer(config, run_dir, model, processor, splits, scorer, device, cache)
         log_data_shards(trainer, splits.train)

@@ -466,6 +466,21 @@ def as_image_source(images):
     return images if hasattr(images, "load") else FolderImages(Path(images))
 
 
+class ImageItems(torch.utils.data.Dataset):
+    """(key, image or None, reason) per (key, image source, name), decoded on access (in DataLoader workers)."""
+
+    def __init__(self, items: list[tuple[str, object, str]]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        key, source, name = self.items[index]
+        image, reason = source.load(name)
+        return key, image, reason
+
+
 class CaptionDataset(torch.utils.data.Dataset):
     """Examples as {"image", "caption", "image_name"} dicts; images are read on access.
 

@@ -46,11 +46,6 @@ def node_rank() -> int:
     return int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "0")))
 
 
-def shard_for_local_rank(items: list) -> list:
-    """This process's share of items among the processes of its machine: every item goes to exactly one."""
-    return items[local_rank() :: local_world_size()]
-
-
 def is_distributed() -> bool:
     return world_size() > 1
 
@@ -145,16 +140,6 @@ def run_on_main(fn: Callable[[], T]) -> T:
 def on_main_process(fn: Callable[..., T], *args, **kwargs) -> T | None:
     """fn(*args, **kwargs) on the main process (for writes that must happen once); None elsewhere."""
     return fn(*args, **kwargs) if is_main_process() else None
-
-
-@contextmanager
-def main_process_first():
-    """Rank 0 runs the block first (e.g. creates a folder), the others wait, then run it."""
-    if not is_main_process():
-        barrier()
-    yield
-    if is_main_process():
-        barrier()
 
 
 @contextmanager
