@@ -106,7 +106,7 @@ def load_dataset_splits(config: Config) -> DataSplits:
     else:
         train, val = load_train_and_eval(spec, hold_out=config.test_dir is None)
     if config.test_dir is not None:
-        val_examples = collect_examples(config.test_dir, config.captions_file, flag="--test_dir")
+        val_examples = collect_examples(config.test_dir, config.captions_file, "--test_dir", config.allow_partial_captions)
         val_dir = Path(config.test_dir)
     else:
         val_examples, val_dir = (val.examples, val.images) if val is not None else ([], None)
@@ -134,9 +134,9 @@ def load_splits(config: Config) -> DataSplits:
     """Training examples, plus validation from --test_dir or a held-out share of the training images."""
     if config.dataset is not None:
         return load_dataset_splits(config)
-    examples = collect_examples(config.train_dir, config.captions_file, flag="--train_dir")
+    examples = collect_examples(config.train_dir, config.captions_file, "--train_dir", config.allow_partial_captions)
     if config.test_dir is not None:
-        val = collect_examples(config.test_dir, config.captions_file, flag="--test_dir")
+        val = collect_examples(config.test_dir, config.captions_file, "--test_dir", config.allow_partial_captions)
         return DataSplits(Path(config.train_dir), examples, Path(config.test_dir), val)
     train, val = split_by_image(examples, config.split_ratio, config.seed)
     return DataSplits(Path(config.train_dir), train, Path(config.train_dir), val)

@@ -52,6 +52,7 @@ class Config:
     id_column: str | None = None
     streaming: bool = False
     shuffle_buffer: int = 1000
+    allow_partial_captions: bool = False  # go on when unreadable caption rows cost over 1% of the images
     # model
     model_name: str | None = None
     quantization_bits: int = 4

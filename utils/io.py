@@ -71,7 +71,7 @@ def write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, text + "\n")
 
 
-def read_predictions_file(path: Path) -> dict[str, str]:
+def read_predictions_file(path: Path, allow_partial: bool = False) -> dict[str, str]:
     """First caption per image from a predictions CSV (ours with reference columns, or any captions file)."""
     path = Path(path)
     if not path.is_file():
@@ -82,7 +82,7 @@ def read_predictions_file(path: Path) -> dict[str, str]:
     rows = list(csv.reader(io.StringIO(read_text(path), newline="")))
     header = [cell.strip().lower() for cell in rows[0][:2]] if rows else []
     if header != ["image_name", "caption"]:
-        return {name: captions[0] for name, captions in read_captions_file(path).items()}
+        return {name: captions[0] for name, captions in read_captions_file(path, allow_partial, "--predictions_file").items()}
     # Our own files: column 2 is the prediction; later columns are references, not part of it.
     predictions: dict[str, str] = {}
     for row in rows[1:]:
