@@ -154,3 +154,21 @@ def test_allow_partial_captions_goes_on_knowingly(data_dir, tmp_path, capsys, ca
     results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     assert results["num_images"] == 23
     assert "line 7: a quoted caption opens here" in caplog.text and "Those rows are skipped" in caplog.text
+
+
+def test_dataset_caption_column_mostly_empty_stops_unless_allowed(data_dir, tiny_model_dir, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from utils.hf_datasets import DatasetSpec, load_train_and_eval
+
+    names = sorted(p.name for p in (data_dir / "train").glob("*.png"))
+    texts = ["" if i % 2 else f"picture {i}" for i in range(len(names))]  # every second caption cell empty
+    table = pa.table({"image": [{"bytes": (data_dir / "train" / n).read_bytes(), "path": n} for n in names], "text": texts})
+    pq.write_table(table, tmp_path / "train-00000.parquet")
+    code = main(["--train", "--dataset", str(tmp_path), "--model_name", str(tiny_model_dir), "--output_dir",
+                 str(tmp_path / "runs"), "--fgd_model", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and "12 of 24 rows (50.0%) have no caption in column 'text'" in err and "--allow_partial_captions" in err
+    train, _ = load_train_and_eval(DatasetSpec(str(tmp_path), allow_partial_captions=True), hold_out=False)
+    assert sorted(e.caption for e in train.examples) == sorted(t for t in texts if t)
