@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; --train and --inference --test_dir continue with --resume", file=sys.stderr)
         return 130
     finally:
+        from utils import run_lock
+
+        run_lock.release_all()  # the process's flocks end with it anyway; this is for many commands in one process
         distributed.shutdown()
 
 

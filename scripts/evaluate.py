@@ -13,6 +13,7 @@ from utils import distributed
 from utils.dataset_utils import Example, collect_examples, read_captions_file
 from utils.evaluation import align_names, format_metrics_table, score_captions
 from utils.io import read_predictions_file, write_json_atomic, write_predictions_csv
+from utils.run_lock import lock_folder
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ def _caption_run_images(config) -> tuple[dict[str, str], dict[str, list[str]], d
 
 def run_evaluation(config) -> int:
     """--eval: score a run's (or a base model's) captions of --test_dir, or an existing --predictions_file."""
+    distributed.on_main_process(Path(config.output_dir).mkdir, parents=True, exist_ok=True)
+    lock_folder(config.output_dir, "--output_dir")  # eval_results.json and eval_predictions.csv go there
     if config.predictions_file is not None:
         references = read_captions_file(config.captions_file, config.allow_partial_captions)
         predictions = align_names(read_predictions_file(config.predictions_file, config.allow_partial_captions), references)

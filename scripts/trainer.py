@@ -34,6 +34,7 @@ from utils.errors import UserInputError
 from utils.evaluation import format_metrics_table
 from utils.feature_store import FeatureStore
 from utils.io import replace_folder_atomically, write_json_atomic
+from utils.run_lock import LOCK_NAME, lock_folder
 
 logger = logging.getLogger(__name__)
 
@@ -116,18 +117,30 @@ def load_dataset_splits(config: Config) -> DataSplits:
 
 
 @contextmanager
-def created_run_dir(run_dir: Path):
-    """Create the run folder (main process) for the block; if the block fails, a folder this call created is
-    removed again, so a run that never started training leaves nothing behind."""
+def created_run_dir(run_dir: Path, resume: bool = False):
+    """Create the run folder (main process) and lock it for this job (utils/run_lock.py) for the block; if the
+    block fails, a folder this call created is removed again, so a run that never started training leaves nothing behind."""
     existed = run_dir.exists()
     distributed.on_main_process(run_dir.mkdir, parents=True, exist_ok=True)
     distributed.barrier()  # the others write checkpoint pieces into it later
+    # Outside the try: a folder locked by another job is that job's, never removed here.
+    lock_folder(run_dir, "The run folder")
+    if not resume:  # another job may have filled it since _choose_run_dir looked
+        distributed.run_on_main(lambda: _require_fresh(run_dir))
     try:
         yield
     except BaseException:
         if not existed:
             distributed.on_main_process(shutil.rmtree, run_dir, ignore_errors=True)
         raise
+
+
+def _require_fresh(run_dir: Path) -> None:
+    if any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+        raise UserInputError(
+            f"The run folder {run_dir} was filled by another job while this one was loading. Choose another "
+            "--run_name, or pass --resume to continue that run."
+        )
 
 
 def load_splits(config: Config) -> DataSplits:
@@ -428,6 +441,8 @@ def train(config: Config) -> int:
     files (the Trainer's checkpoints hold one RNG state per rank).
     """
     config, run_dir = prepare_run_dir(config)
+    if config.resume:  # the folder exists: no other job may write it from here on, before anything loads
+        lock_folder(run_dir, "The run folder")
     device = resolve_device()
     log_settings(config, run_dir, device)
     # Data and model are checked before the run folder exists, so a bad flag leaves no folder behind.
@@ -440,7 +455,7 @@ def train(config: Config) -> int:
                "world_size": distributed.world_size(), "effective_batch_size": effective_batch_size(config),
                "before_model": f"the base without the adapter, as trained on: {precision}",
                "after_model": "the same base with the trained adapter"}
-    with created_run_dir(run_dir):
+    with created_run_dir(run_dir, config.resume):
         if config.resume:
             distributed.on_main_process(record_resume, config, run_dir)
         else:
