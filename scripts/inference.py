@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from peft import PeftModel
@@ -29,6 +29,7 @@ from utils.io import (
 )
 from utils.run_lock import lock_folder, lock_output_file
 from utils.text import tidy_caption
+from utils.workers import data_loader
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def caption_folder(
     else:  # a folder or e.g. rows of a `datasets` split
         images = as_image_source(folder)
         items = ImageItems([(name, images, name) for name in names])
-    loader = DataLoader(items, batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_lists)
+    loader = data_loader(items, batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_lists)
     was_training = model.training
     model.eval()
     start = time.perf_counter()

@@ -35,6 +35,7 @@ from utils.evaluation import format_metrics_table
 from utils.feature_store import FeatureStore
 from utils.io import replace_folder_atomically, write_json_atomic
 from utils.run_lock import LOCK_NAME, lock_folder
+from utils.workers import guard_workers
 
 logger = logging.getLogger(__name__)
 
@@ -243,9 +244,12 @@ class CaptionTrainer(Trainer):
         # A stream that splits itself across ranks (hf_datasets.StreamingCaptionDataset) must not be split
         # again, or dispatched from rank 0, by Accelerate.
         if getattr(self.train_dataset, "split_by_rank", False) and distributed.world_size() > 1:
-            return _EpochDataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
-                                    num_workers=self.args.dataloader_num_workers)
-        return super().get_train_dataloader()
+            return guard_workers(_EpochDataLoader(self.train_dataset, batch_size=self._train_batch_size,
+                                                  collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers))
+        return guard_workers(super().get_train_dataloader())
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return guard_workers(super().get_eval_dataloader(eval_dataset))
 
     def evaluate(self, *args, **kwargs):
         metrics = super().evaluate(*args, **kwargs)
