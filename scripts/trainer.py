@@ -429,13 +429,28 @@ def prepare_feature_cache(config: Config, run_dir: Path, model, processor, split
         return None, 0.0
     start = time.perf_counter()
     source = f"{config.model_name}|{config.quantization_bits}|{config.bnb_4bit_quant_type}|{dtype}"
-    with distributed.local_main_first():  # one process per machine creates the files, the others then open them
-        store = FeatureStore(folder, [key for key, _, _ in sources], feature_shape(model), dtype, source)
+    with distributed.local_main_first():  # one process per machine creates (or checks) the files, the others then open them
+        store = FeatureStore(folder, [key for key, _, _ in sources], feature_shape(model), dtype, source,
+                             verify=distributed.local_rank() == 0)
+    if distributed.local_rank() == 0:  # the process that checked this machine's cache
+        log_cache_reuse(store, config.resume)
     # Encoding has no backward pass to hold activations for: larger batches use the matrix units better.
     skipped = fill_feature_cache(model, processor, store, sources, max(config.batch_size, FILL_BATCH), config.num_workers, autocast)
     for key, reason in sorted(skipped.items())[:MAX_NAMES_IN_WARNING]:
         logger.warning("Skipping %s: %s", key, reason)
     return store, time.perf_counter() - start
+
+
+def log_cache_reuse(store: FeatureStore, resume: bool) -> None:
+    """What an earlier session's cache gave this one: rows reused, rows that failed their checksum, or why it was rebuilt."""
+    if store.rebuilt not in (None, "no cache yet"):
+        logger.warning("The feature cache in %s cannot be trusted (%s): it is rebuilt from the images.", store.folder, store.rebuilt)
+    if store.refilled:
+        logger.warning("Feature cache %s: %d row(s) did not match their checksum (zeroed or torn by an interrupted "
+                       "write) and are encoded again.", store.folder, store.refilled)
+    if resume:
+        logger.info("--resume: the feature cache reuses %d of %d rows; %d to encode.", store.reused, len(store.keys),
+                    len(store.keys) - store.reused)
 
 
 def train(config: Config) -> int:
