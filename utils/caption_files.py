@@ -14,7 +14,6 @@ import csv
 import json
 import logging
 import re
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,9 +72,13 @@ def _lines(data: bytes) -> list[bytes]:
     return [line[:-1] if line.endswith(b"\r") else line for line in data.split(b"\n")]
 
 
+# Control characters (Unicode category Cc) other than tab and newline: never part of a caption.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def _junk(text: str) -> str | None:
     """Why a decoded record is junk (control characters, a stray carriage return), or None."""
-    bad = sorted({c for c in text if c not in "\t\n" and unicodedata.category(c) == "Cc"})
+    bad = sorted(set(_CONTROL.findall(text)))
     if bad:
         shown = ", ".join(repr(c) for c in bad[:3])
         return f"control characters ({shown}) in the row; the file is damaged or not a caption CSV"
@@ -85,6 +88,8 @@ def _junk(text: str) -> str | None:
 def _open_quote(text: str) -> bool:
     """True when text ends inside a quoted CSV field. As in Python's csv module, a quote opens a field only at
     its start (`a 5" screen` is plain text), and `""` inside a quoted field is a literal quote."""
+    if '"' not in text:
+        return False
     quoted, at_start, k = False, True, 0
     while k < len(text):
         c = text[k]
@@ -139,13 +144,17 @@ def read_csv_rows(path: Path, problems: RowProblems) -> list[tuple[int, list[str
         if text is not None and not text.strip():
             continue
         if reason is None:
-            try:
-                records.append((start, next(csv.reader([text]))))
+            try:  # without quotes a CSV row is its text split at commas
+                records.append((start, text.split(",") if '"' not in text else next(csv.reader([text]))))
                 continue
             except (csv.Error, StopIteration) as err:
                 reason = f"not a CSV row ({err})"
         problems.add(start, reason, _first_cell(lines[start - 1].decode("utf-8", "replace")))
     return records
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:.1f}%" if share == 0 or share >= 0.0005 else "<0.1%"
 
 
 def check_losses(problems: RowProblems, kept_names: set[str], flag: str, allow_partial: bool) -> None:
@@ -157,7 +166,7 @@ def check_losses(problems: RowProblems, kept_names: set[str], flag: str, allow_p
     listed = len(kept_names) + lost
     share = lost / listed if listed else 1.0
     summary = (f"{flag} {problems.path}: {len(problems.rows)} row(s) could not be read, so {lost} of the {listed} "
-               f"listed images ({100 * share:.1f}%) have no caption: {problems.describe()}.")
+               f"listed images ({_percent(share)}) have no caption: {problems.describe()}.")
     if share > ALLOWED_LOSS and not allow_partial:
         raise UserInputError(
             f"{summary} That is more than {100 * ALLOWED_LOSS:g}% of the images, so nothing was trained or scored on "
