@@ -161,7 +161,7 @@ def check_losses(problems: RowProblems, kept_names: set[str], flag: str, allow_p
     """Warn about the unusable rows; stop when more than ALLOWED_LOSS of the listed images lost their captions."""
     if not problems.rows:
         return
-    named = {n for n in problems.names if n is not None} - kept_names
+    named = {normalise_image_name(n) for n in problems.names if n is not None} - kept_names
     lost = len(named) + sum(n is None for n in problems.names)
     listed = len(kept_names) + lost
     share = lost / listed if listed else 1.0
