@@ -49,6 +49,7 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--predictions_file", type=Path, help="--inference: where to write captions (default RUN/captions.csv); --eval: captions to score")
     g.add_argument("--split_ratio", type=float, default=0.1, help="share of training images held out for validation when there is no --test_dir")
     g.add_argument("--max_length", type=int, default=40, help="caption length in tokens; longer captions are truncated")
+    g.add_argument("--allow_partial_captions", action="store_true", help="go on when unreadable caption rows (or empty --dataset captions) cost over 1%% of the images; by default that stops the run")
     d = parser.add_argument_group("data from Hugging Face datasets (instead of --train_dir / --test_dir)")
     d.add_argument("--dataset", help="hub dataset id, local folder or file of parquet/arrow/JSONL, or a glob of WebDataset .tar shards ('shards/*.tar')")
     d.add_argument("--dataset_config", help="the dataset's configuration name (hub datasets with several)")
@@ -223,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; --train and --inference --test_dir continue with --resume", file=sys.stderr)
         return 130
     finally:
+        from utils import run_lock
+
+        run_lock.release_all()  # the process's flocks end with it anyway; this is for many commands in one process
         distributed.shutdown()
 
 

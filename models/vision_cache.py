@@ -21,6 +21,7 @@ from utils.dataset_utils import ImageItems
 from utils.distributed import barrier, local_rank, local_world_size, split_for_rank
 from utils.errors import UserInputError
 from utils.feature_store import FeatureStore, feature_cache_bytes
+from utils.workers import data_loader
 
 # Cached features travel as pixel_values with one "channel"; images have three.
 FEATURE_CHANNELS = 1
@@ -153,7 +154,7 @@ def fill_feature_cache(
     missing = set(store.missing())
     todo = split_for_rank([item for item in sources if item[0] in missing], local_rank(), local_world_size())
     skipped: dict[str, str] = {}
-    loader = torch.utils.data.DataLoader(ImageItems(todo), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    loader = data_loader(ImageItems(todo), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
     with tqdm(total=len(todo), desc="Caching image features", unit="img", disable=not todo or None) as bar:
         for batch in loader:
             good = [(key, image) for key, image, _ in batch if image is not None]

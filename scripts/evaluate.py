@@ -13,6 +13,7 @@ from utils import distributed
 from utils.dataset_utils import Example, collect_examples, read_captions_file
 from utils.evaluation import align_names, format_metrics_table, score_captions
 from utils.io import read_predictions_file, write_json_atomic, write_predictions_csv
+from utils.run_lock import lock_folder
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 def _names_as_listed(names: list[str], captions_file: Path | None, folder: Path) -> dict[str, str]:
     """Folder-relative image names -> the names the captions file uses ("a.jpg" or "test/a.jpg"),
     so eval_predictions.csv can be rescored against that file unambiguously."""
-    listed = set(read_captions_file(captions_file)) if captions_file else set()
+    listed = set(read_captions_file(captions_file, allow_partial=True)) if captions_file else set()  # its problems were reported when read
     prefixed = {name: f"{folder.name}/{name}" for name in names}
     return {name: prefixed[name] if name not in listed and prefixed[name] in listed else name for name in names}
 
@@ -32,7 +33,7 @@ def _images_and_references(config) -> tuple[object, list[Example], str]:
 
         split = load_eval_split(DatasetSpec.from_config(config))
         return split.images, split.examples, str(split.images)
-    examples = collect_examples(Path(config.test_dir), config.captions_file, flag="--test_dir")
+    examples = collect_examples(Path(config.test_dir), config.captions_file, "--test_dir", config.allow_partial_captions)
     return Path(config.test_dir), examples, str(config.test_dir)
 
 
@@ -64,9 +65,11 @@ def _caption_run_images(config) -> tuple[dict[str, str], dict[str, list[str]], d
 
 def run_evaluation(config) -> int:
     """--eval: score a run's (or a base model's) captions of --test_dir, or an existing --predictions_file."""
+    distributed.on_main_process(Path(config.output_dir).mkdir, parents=True, exist_ok=True)
+    lock_folder(config.output_dir, "--output_dir")  # eval_results.json and eval_predictions.csv go there
     if config.predictions_file is not None:
-        references = read_captions_file(config.captions_file)
-        predictions = align_names(read_predictions_file(config.predictions_file), references)
+        references = read_captions_file(config.captions_file, config.allow_partial_captions)
+        predictions = align_names(read_predictions_file(config.predictions_file, config.allow_partial_captions), references)
         info, images = {"predictions_file": str(config.predictions_file)}, None
     else:
         predictions, references, info, images = _caption_run_images(config)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from peft import PeftModel
@@ -27,7 +27,9 @@ from utils.io import (
     CaptionPartWriter, caption_parts_dir, read_caption_parts, replace_folder_atomically, write_json_atomic,
     write_predictions_csv,
 )
+from utils.run_lock import lock_folder, lock_output_file
 from utils.text import tidy_caption
+from utils.workers import data_loader
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ def caption_folder(
     else:  # a folder or e.g. rows of a `datasets` split
         images = as_image_source(folder)
         items = ImageItems([(name, images, name) for name in names])
-    loader = DataLoader(items, batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_lists)
+    loader = data_loader(items, batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_lists)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -257,9 +259,22 @@ def caption_directory(config: Config, model, processor, images: tuple | None = N
     return 0
 
 
+def lock_caption_target(config: Config) -> None:
+    """One captioning job per output (utils/run_lock.py): the run folder when the captions go into a run,
+    else the captions file itself; taken before the model loads and before the part files are read."""
+    run_dir = Path(config.output_dir)
+    target = Path(config.predictions_file or run_dir / "captions.csv")
+    if (run_dir / "run_config.json").is_file() and target.parent.resolve() == run_dir.resolve():
+        lock_folder(run_dir, "The run folder")
+    else:
+        lock_output_file(target, "--predictions_file" if config.predictions_file else "--output_dir")
+
+
 def run_inference(config: Config) -> int:
     """--inference: caption --test_image (stdout) or every image of --test_dir (a CSV)."""
     images = images_to_caption(config) if config.dataset is not None else None  # a bad dataset fails before the model loads
+    if config.test_image is None:
+        lock_caption_target(config)
     model, processor, config, description = load_caption_model(config)
     logger.info("Captioning with %s", description)
     if config.test_image is not None:
@@ -334,6 +349,7 @@ def compare_models(reference, candidate, processor, images: list) -> dict:
 def merge_weights(config: Config) -> int:
     """--merge_weights: write RUN/merged_model (plain transformers) and RUN/merge_report.json."""
     run_settings = require_run(config.output_dir)
+    lock_folder(config.output_dir, "The run folder")
     config = apply_run_settings(config, run_settings)
     run_dir, device = Path(config.output_dir), resolve_device()
     adapter_dir = _require_folder(run_dir / "final_model", "final_model", "--train")

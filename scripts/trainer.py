@@ -34,6 +34,8 @@ from utils.errors import UserInputError
 from utils.evaluation import format_metrics_table
 from utils.feature_store import FeatureStore
 from utils.io import replace_folder_atomically, write_json_atomic
+from utils.run_lock import LOCK_NAME, lock_folder
+from utils.workers import guard_workers
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +108,7 @@ def load_dataset_splits(config: Config) -> DataSplits:
     else:
         train, val = load_train_and_eval(spec, hold_out=config.test_dir is None)
     if config.test_dir is not None:
-        val_examples = collect_examples(config.test_dir, config.captions_file, flag="--test_dir")
+        val_examples = collect_examples(config.test_dir, config.captions_file, "--test_dir", config.allow_partial_captions)
         val_dir = Path(config.test_dir)
     else:
         val_examples, val_dir = (val.examples, val.images) if val is not None else ([], None)
@@ -116,12 +118,16 @@ def load_dataset_splits(config: Config) -> DataSplits:
 
 
 @contextmanager
-def created_run_dir(run_dir: Path):
-    """Create the run folder (main process) for the block; if the block fails, a folder this call created is
-    removed again, so a run that never started training leaves nothing behind."""
+def created_run_dir(run_dir: Path, resume: bool = False):
+    """Create the run folder (main process) and lock it for this job (utils/run_lock.py) for the block; if the
+    block fails, a folder this call created is removed again, so a run that never started training leaves nothing behind."""
     existed = run_dir.exists()
     distributed.on_main_process(run_dir.mkdir, parents=True, exist_ok=True)
     distributed.barrier()  # the others write checkpoint pieces into it later
+    # Outside the try: a folder locked by another job is that job's, never removed here.
+    lock_folder(run_dir, "The run folder")
+    if not resume:  # another job may have filled it since _choose_run_dir looked
+        distributed.run_on_main(lambda: _require_fresh(run_dir))
     try:
         yield
     except BaseException:
@@ -130,13 +136,21 @@ def created_run_dir(run_dir: Path):
         raise
 
 
+def _require_fresh(run_dir: Path) -> None:
+    if any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+        raise UserInputError(
+            f"The run folder {run_dir} was filled by another job while this one was loading. Choose another "
+            "--run_name, or pass --resume to continue that run."
+        )
+
+
 def load_splits(config: Config) -> DataSplits:
     """Training examples, plus validation from --test_dir or a held-out share of the training images."""
     if config.dataset is not None:
         return load_dataset_splits(config)
-    examples = collect_examples(config.train_dir, config.captions_file, flag="--train_dir")
+    examples = collect_examples(config.train_dir, config.captions_file, "--train_dir", config.allow_partial_captions)
     if config.test_dir is not None:
-        val = collect_examples(config.test_dir, config.captions_file, flag="--test_dir")
+        val = collect_examples(config.test_dir, config.captions_file, "--test_dir", config.allow_partial_captions)
         return DataSplits(Path(config.train_dir), examples, Path(config.test_dir), val)
     train, val = split_by_image(examples, config.split_ratio, config.seed)
     return DataSplits(Path(config.train_dir), train, Path(config.train_dir), val)
@@ -230,9 +244,12 @@ class CaptionTrainer(Trainer):
         # A stream that splits itself across ranks (hf_datasets.StreamingCaptionDataset) must not be split
         # again, or dispatched from rank 0, by Accelerate.
         if getattr(self.train_dataset, "split_by_rank", False) and distributed.world_size() > 1:
-            return _EpochDataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
-                                    num_workers=self.args.dataloader_num_workers)
-        return super().get_train_dataloader()
+            return guard_workers(_EpochDataLoader(self.train_dataset, batch_size=self._train_batch_size,
+                                                  collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers))
+        return guard_workers(super().get_train_dataloader())
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return guard_workers(super().get_eval_dataloader(eval_dataset))
 
     def evaluate(self, *args, **kwargs):
         metrics = super().evaluate(*args, **kwargs)
@@ -412,13 +429,28 @@ def prepare_feature_cache(config: Config, run_dir: Path, model, processor, split
         return None, 0.0
     start = time.perf_counter()
     source = f"{config.model_name}|{config.quantization_bits}|{config.bnb_4bit_quant_type}|{dtype}"
-    with distributed.local_main_first():  # one process per machine creates the files, the others then open them
-        store = FeatureStore(folder, [key for key, _, _ in sources], feature_shape(model), dtype, source)
+    with distributed.local_main_first():  # one process per machine creates (or checks) the files, the others then open them
+        store = FeatureStore(folder, [key for key, _, _ in sources], feature_shape(model), dtype, source,
+                             verify=distributed.local_rank() == 0)
+    if distributed.local_rank() == 0:  # the process that checked this machine's cache
+        log_cache_reuse(store, config.resume)
     # Encoding has no backward pass to hold activations for: larger batches use the matrix units better.
     skipped = fill_feature_cache(model, processor, store, sources, max(config.batch_size, FILL_BATCH), config.num_workers, autocast)
     for key, reason in sorted(skipped.items())[:MAX_NAMES_IN_WARNING]:
         logger.warning("Skipping %s: %s", key, reason)
     return store, time.perf_counter() - start
+
+
+def log_cache_reuse(store: FeatureStore, resume: bool) -> None:
+    """What an earlier session's cache gave this one: rows reused, rows that failed their checksum, or why it was rebuilt."""
+    if store.rebuilt not in (None, "no cache yet"):
+        logger.warning("The feature cache in %s cannot be trusted (%s): it is rebuilt from the images.", store.folder, store.rebuilt)
+    if store.refilled:
+        logger.warning("Feature cache %s: %d row(s) did not match their checksum (zeroed or torn by an interrupted "
+                       "write) and are encoded again.", store.folder, store.refilled)
+    if resume:
+        logger.info("--resume: the feature cache reuses %d of %d rows; %d to encode.", store.reused, len(store.keys),
+                    len(store.keys) - store.reused)
 
 
 def train(config: Config) -> int:
@@ -428,6 +460,8 @@ def train(config: Config) -> int:
     files (the Trainer's checkpoints hold one RNG state per rank).
     """
     config, run_dir = prepare_run_dir(config)
+    if config.resume:  # the folder exists: no other job may write it from here on, before anything loads
+        lock_folder(run_dir, "The run folder")
     device = resolve_device()
     log_settings(config, run_dir, device)
     # Data and model are checked before the run folder exists, so a bad flag leaves no folder behind.
@@ -440,7 +474,7 @@ def train(config: Config) -> int:
                "world_size": distributed.world_size(), "effective_batch_size": effective_batch_size(config),
                "before_model": f"the base without the adapter, as trained on: {precision}",
                "after_model": "the same base with the trained adapter"}
-    with created_run_dir(run_dir):
+    with created_run_dir(run_dir, config.resume):
         if config.resume:
             distributed.on_main_process(record_resume, config, run_dir)
         else:

@@ -85,9 +85,9 @@ def test_captions_file_several_captions_keep_order(tmp_path):
 def test_captions_file_blank_and_malformed_rows(tmp_path, caplog):
     text = "image_name,caption\n\na.jpg,a red car\n   \nlonely.jpg\nb.jpg,   \n,no name\nc.jpg,ok\n"
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        captions = read_captions_file(write(tmp_path / "c.csv", text))
+        captions = read_captions_file(write(tmp_path / "c.csv", text), allow_partial=True)
     assert captions == {"a.jpg": ["a red car"], "c.jpg": ["ok"]}
-    assert "skipped 3 row(s)" in caplog.text
+    assert "3 row(s) could not be read" in caplog.text and "line 5:" in caplog.text and "line 7:" in caplog.text
 
 
 def test_captions_file_normalises_names(tmp_path):
@@ -95,13 +95,13 @@ def test_captions_file_normalises_names(tmp_path):
     assert captions == {"sub/a.jpg": ["x"], "b.jpg": ["y"]}
 
 
-def test_captions_file_invalid_utf8_is_replaced_with_warning(tmp_path, caplog):
+def test_captions_file_invalid_utf8_row_is_skipped_with_its_line(tmp_path, caplog):
     path = tmp_path / "c.csv"
-    path.write_bytes("a.jpg,caf\u00e9 au lait\n".encode("latin-1"))
+    path.write_bytes(b"b.jpg,a bird\n" + "a.jpg,caf\u00e9 au lait\n".encode("latin-1"))
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        captions = read_captions_file(path)
-    assert captions == {"a.jpg": ["caf\ufffd au lait"]}
-    assert "not valid UTF-8" in caplog.text
+        captions = read_captions_file(path, allow_partial=True)
+    assert captions == {"b.jpg": ["a bird"]}
+    assert "line 2: not UTF-8 text (byte 0xe9" in caplog.text
 
 
 def test_captions_file_missing_names_the_flag(tmp_path):
@@ -137,9 +137,10 @@ def test_metadata_jsonl_strings_lists_and_bad_lines(tmp_path, caplog):
     ]
     write(tmp_path / "metadata.jsonl", "\n".join(lines))
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        captions = read_folder_metadata(tmp_path)
+        captions = read_folder_metadata(tmp_path, allow_partial=True)
     assert captions == {"a.jpg": ["a red car", "again"], "b.jpg": ["one", "two"]}
-    assert "skipped 3 malformed" in caplog.text
+    assert "3 row(s) could not be read" in caplog.text
+    assert all(f"line {n}:" in caplog.text for n in (4, 5, 6))
 
 
 def test_metadata_jsonl_caption_column(tmp_path):

@@ -52,6 +52,7 @@ class Config:
     id_column: str | None = None
     streaming: bool = False
     shuffle_buffer: int = 1000
+    allow_partial_captions: bool = False  # go on when unreadable caption rows cost over 1% of the images
     # model
     model_name: str | None = None
     quantization_bits: int = 4
@@ -226,6 +227,26 @@ def _check_launch(config: Config, problems: list[str]) -> None:
         )
 
 
+def output_paths(config: Config) -> list[tuple[str, Path, str]]:
+    """(flag, path, "folder" or "file") of everything this command writes, by mode."""
+    if config.mode == "inference" and config.test_image is not None:
+        return []  # the caption goes to stdout
+    if config.mode == "inference":
+        if config.predictions_file is not None:
+            return [("--predictions_file", Path(config.predictions_file), "file")]
+        return [("--output_dir", Path(config.output_dir) / "captions.csv", "file")]
+    return [("--output_dir", Path(config.output_dir), "folder")]  # --train: the runs' parent; the others: the run
+
+
+def _check_outputs(config: Config, problems: list[str]) -> None:
+    from utils.io import unwritable_reason
+
+    for flag, path, kind in output_paths(config):
+        reason = unwritable_reason(path, kind)
+        if reason:
+            problems.append(f"{flag} {path}: cannot write there: {reason}. Give a {kind} you can write to.")
+
+
 def validate(config: Config) -> Config:
     """Raise one UserInputError that lists every problem found, each naming its flag."""
     problems: list[str] = []
@@ -234,6 +255,7 @@ def validate(config: Config) -> Config:
     _check_launch(config, problems)
     _check_numbers(config, problems)
     _check_choices(config, problems)
+    _check_outputs(config, problems)
     if problems:
         raise UserInputError("Invalid settings:\n  - " + "\n  - ".join(problems))
     return config

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import logging
 import os
 import random
@@ -17,18 +15,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from utils.caption_files import (  # noqa: F401 - the readers of caption files, used from here by the modes
+    IMAGE_EXTENSIONS, load_captions, normalise_image_name, read_captions_file, read_folder_metadata,
+)
 from utils.errors import UserInputError
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-
-# First-row values that mark a header rather than a data row.
-IMAGE_HEADER_NAMES = ("image_name", "file_name", "image", "filename", "file", "image_path", "path")
-CAPTION_HEADER_NAMES = ("caption", "text", "captions")
-
-# Hugging Face imagefolder names its caption column freely; these are the ones we accept, in order.
-METADATA_CAPTION_KEYS = ("text", "caption", "captions")
 
 # Warnings list at most this many names so a 100,000-image folder does not flood the log.
 MAX_NAMES_IN_WARNING = 10
@@ -80,14 +72,6 @@ def caption_from_filename(image_name: str) -> str:
     return " ".join(caption.split())
 
 
-def normalise_image_name(name: str) -> str:
-    """Posix form of a name from a captions file: backslashes to '/', leading './' removed."""
-    name = name.strip().replace("\\", "/")
-    while name.startswith("./"):
-        name = name[2:]
-    return name
-
-
 def read_text(path: Path) -> str:
     """Text of a UTF-8 file (BOM optional); undecodable bytes are replaced, with a warning."""
     data = path.read_bytes()
@@ -100,138 +84,6 @@ def read_text(path: Path) -> str:
             path, err.start,
         )
         return data.decode("utf-8-sig", errors="replace")
-
-
-def _is_header(row: list[str]) -> bool:
-    cells = [c.strip().lower() for c in row]
-    return len(cells) >= 2 and cells[0] in IMAGE_HEADER_NAMES and cells[1] in CAPTION_HEADER_NAMES
-
-
-def _parse_caption_row(row: list[str]) -> tuple[str, str] | None:
-    """(image name, caption) from one CSV row, or None when the row is unusable."""
-    cells = list(row)
-    # Spreadsheets often leave trailing empty cells; they are not part of the caption.
-    while len(cells) > 2 and not cells[-1].strip():
-        cells.pop()
-    if len(cells) < 2:
-        return None
-    # More than two cells means the caption held unquoted commas: put them back.
-    name, caption = normalise_image_name(cells[0]), ",".join(cells[1:]).strip()
-    if not name or not caption:
-        return None
-    return name, caption
-
-
-def read_captions_file(path: Path) -> dict[str, list[str]]:
-    """Captions per image name from a CSV of `image_name,caption` rows (header optional)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(
-            f"--captions_file {path} does not exist or is not a file. Give the path of a CSV "
-            "file with one `image_name,caption` row per caption, or leave the flag out to use "
-            "the folder's metadata.csv/metadata.jsonl or the image file names as captions."
-        )
-    rows = [row for row in csv.reader(io.StringIO(read_text(path))) if any(c.strip() for c in row)]
-    if rows and _is_header(rows[0]):
-        rows = rows[1:]
-    captions: dict[str, list[str]] = {}
-    skipped = 0
-    for row in rows:
-        parsed = _parse_caption_row(row)
-        if parsed is None:
-            skipped += 1
-            continue
-        captions.setdefault(parsed[0], []).append(parsed[1])
-    if skipped:
-        logger.warning(
-            "%s: skipped %d row(s) without both an image name and a non-empty caption.", path, skipped
-        )
-    if not captions:
-        raise UserInputError(
-            f"--captions_file {path} has no usable row. Each row must be `image_name,caption` "
-            "(an optional first header row such as `image_name,caption` is allowed)."
-        )
-    return captions
-
-
-def _caption_list(value) -> list[str] | None:
-    """Captions from a metadata value: a string or a list of strings; None if unusable."""
-    values = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, str) for v in values):
-        return None
-    captions = [v.strip() for v in values if v.strip()]
-    return captions or None
-
-
-def _metadata_records(path: Path) -> tuple[list[dict], int]:
-    """Rows of metadata.csv or metadata.jsonl as dicts, and the count of unparseable lines."""
-    text = read_text(path)
-    if path.suffix == ".csv":
-        return list(csv.DictReader(io.StringIO(text))), 0
-    records, bad = [], 0
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            bad += 1
-    return records, bad
-
-
-def _pick_caption_key(path: Path, records: list[dict]) -> str:
-    # csv.DictReader files surplus cells under the key None: only real column names count.
-    keys = {k for r in records for k in r if isinstance(k, str)}
-    caption_key = next((k for k in METADATA_CAPTION_KEYS if k in keys), None)
-    if "file_name" not in keys or caption_key is None:
-        raise UserInputError(
-            f"{path} needs a `file_name` column and a `text` (or `caption`) column, as in the "
-            f"Hugging Face imagefolder layout; found columns: {sorted(keys) or 'none'}. "
-            "Rename the columns, or pass a CSV with --captions_file."
-        )
-    return caption_key
-
-
-def read_folder_metadata(folder: Path) -> dict[str, list[str]] | None:
-    """Captions from the folder's metadata.csv or metadata.jsonl; None when it has neither."""
-    folder = Path(folder)
-    candidates = [p for p in (folder / "metadata.csv", folder / "metadata.jsonl") if p.is_file()]
-    if not candidates:
-        return None
-    if len(candidates) > 1:
-        raise UserInputError(
-            f"{folder} holds both metadata.csv and metadata.jsonl; it is unclear which one to use. "
-            "Remove one of them, or pass the captions with --captions_file."
-        )
-    path = candidates[0]
-    records, bad = _metadata_records(path)
-    caption_key = _pick_caption_key(path, records)
-    captions: dict[str, list[str]] = {}
-    for record in records:
-        name, texts = record.get("file_name"), _caption_list(record.get(caption_key))
-        if not isinstance(name, str) or not normalise_image_name(name) or texts is None:
-            bad += 1
-            continue
-        captions.setdefault(normalise_image_name(name), []).extend(texts)
-    if bad:
-        logger.warning("%s: skipped %d malformed line(s) or line(s) without a caption.", path, bad)
-    if not captions:
-        raise UserInputError(
-            f"{path} has no usable line (each needs `file_name` and a non-empty caption)."
-        )
-    return captions
-
-
-def load_captions(folder: Path, captions_file: Path | None) -> dict[str, list[str]] | None:
-    """Captions from --captions_file, else the folder's metadata; None means use file names."""
-    if captions_file is not None:
-        return read_captions_file(Path(captions_file))
-    return read_folder_metadata(Path(folder))
 
 
 # ---------------------------------------------------------------------------
@@ -345,12 +197,14 @@ def _captions_from_filenames(images: list[str]) -> dict[str, list[str]]:
 
 
 def collect_examples(
-    folder: Path, captions_file: Path | None = None, flag: str = "--train_dir"
+    folder: Path, captions_file: Path | None = None, flag: str = "--train_dir", allow_partial: bool = False
 ) -> list[Example]:
-    """One Example per (image, caption) pair under folder, in sorted image order."""
+    """One Example per (image, caption) pair under folder, in sorted image order.
+
+    allow_partial (--allow_partial_captions): go on when unreadable caption rows cost over 1% of the images."""
     folder = Path(folder)
     images = list_images(folder, flag)
-    captions = load_captions(folder, captions_file)
+    captions = load_captions(folder, captions_file, allow_partial)
     if captions is None:
         logger.info("No captions file or metadata in %s: using image file names as captions.", folder)
         by_image = _captions_from_filenames(images)

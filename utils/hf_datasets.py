@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
+from utils.caption_files import ALLOWED_LOSS
 from utils.dataset_utils import (
-    MAX_NAMES_IN_WARNING, Example, load_image, load_image_bytes, split_by_image, warn_names,
+    MAX_NAMES_IN_WARNING, Example, format_names, load_image, load_image_bytes, split_by_image, warn_names,
 )
 from utils.distributed import rank, world_size
 from utils.errors import UserInputError
@@ -47,6 +48,7 @@ class DatasetSpec:
     shuffle_buffer: int = 1000
     split_ratio: float = 0.1
     seed: int = 42
+    allow_partial_captions: bool = False
 
     @classmethod
     def from_config(cls, config) -> "DatasetSpec":
@@ -54,7 +56,7 @@ class DatasetSpec:
             name=str(config.dataset), config_name=config.dataset_config, train_split=config.train_split,
             eval_split=config.eval_split, image_column=config.image_column, caption_column=config.caption_column,
             id_column=config.id_column, streaming=config.streaming, shuffle_buffer=config.shuffle_buffer,
-            split_ratio=config.split_ratio, seed=config.seed,
+            split_ratio=config.split_ratio, seed=config.seed, allow_partial_captions=config.allow_partial_captions,
         )
 
 
@@ -277,7 +279,8 @@ def _meta_rows(table, columns: Columns):
         yield from (dict(zip(batch, cells)) for cells in zip(*batch.values()))
 
 
-def read_split(table, columns: Columns, split: str, bases: list[Path], label: str, need_captions: bool = True) -> DatasetSplit:
+def read_split(table, columns: Columns, split: str, bases: list[Path], label: str, need_captions: bool = True,
+               allow_partial: bool = False) -> DatasetSplit:
     """One Example per (row, caption); rows without a caption are skipped and named in one warning
     (kept as images to caption when need_captions is False)."""
     row_of: dict[str, int] = {}
@@ -292,13 +295,25 @@ def read_split(table, columns: Columns, split: str, bases: list[Path], label: st
         row_of.setdefault(name, index)  # rows sharing an id are one image with several references
         examples += [Example(name, caption) for caption in captions]
     if need_captions:
-        warn_names(f"Skipped rows of {label} without a caption", empty)
         if not examples:
             raise UserInputError(f"{label}: no row has a caption in column {columns.caption!r}; pass --caption_column.")
+        _check_empty_captions(label, columns, empty, len(empty) + len(row_of), allow_partial)
+        warn_names(f"Skipped rows of {label} without a caption", empty)
     if not row_of:
         raise UserInputError(f"{label} has no rows.")
     logger.info("%s: %d images, %d captions.", label, len(row_of), len(examples))
     return DatasetSplit(DatasetImages(table, columns.image, row_of, bases, label), examples)
+
+
+def _check_empty_captions(label: str, columns: Columns, empty: list[str], rows: int, allow_partial: bool) -> None:
+    """Stop when more than ALLOWED_LOSS of the rows have an empty caption cell (see utils/caption_files.py)."""
+    if len(empty) > ALLOWED_LOSS * rows and not allow_partial:
+        raise UserInputError(
+            f"{label}: {len(empty)} of {rows} rows ({100 * len(empty) / rows:.1f}%) have no caption in column "
+            f"{columns.caption!r} (e.g. {format_names(empty)}), more than {100 * ALLOWED_LOSS:g}%. Pass "
+            "--caption_column if the captions are in another column, or --allow_partial_captions to train and "
+            "score on the rows that have one."
+        )
 
 
 def _pick_eval_split(splits: list[str], spec: DatasetSpec) -> str | None:
@@ -328,9 +343,11 @@ def load_train_and_eval(spec: DatasetSpec, hold_out: bool = True) -> tuple[Datas
     eval_name = _pick_eval_split(splits, spec)
     table = loaded[spec.train_split]
     columns = resolve_columns(list(table.column_names or []), table.features, spec)
-    train = read_split(table, columns, spec.train_split, bases, f"{spec.name} [{spec.train_split}]")
+    train = read_split(table, columns, spec.train_split, bases, f"{spec.name} [{spec.train_split}]",
+                       allow_partial=spec.allow_partial_captions)
     if eval_name is not None:
-        val = read_split(loaded[eval_name], columns, eval_name, bases, f"{spec.name} [{eval_name}]")
+        val = read_split(loaded[eval_name], columns, eval_name, bases, f"{spec.name} [{eval_name}]",
+                         allow_partial=spec.allow_partial_captions)
         return train, val
     if not hold_out:
         return train, None
@@ -349,7 +366,7 @@ def load_eval_split(spec: DatasetSpec, need_captions: bool = True) -> DatasetSpl
     _require_split(splits, name, spec)
     table = loaded[name]
     columns = resolve_columns(list(table.column_names or []), table.features, spec, need_captions)
-    split = read_split(table, columns, name, bases, f"{spec.name} [{name}]", need_captions)
+    split = read_split(table, columns, name, bases, f"{spec.name} [{name}]", need_captions, spec.allow_partial_captions)
     if eval_name is None:
         logger.info("--dataset %s has no validation split: using the held-out share of [%s] (--split_ratio %s, --seed %s); "
                     "--eval_split %s takes all of it.", spec.name, name, spec.split_ratio, spec.seed, name)
@@ -440,7 +457,7 @@ def load_streaming_train(spec: DatasetSpec) -> tuple[StreamingCaptionDataset, Da
         logger.info("--streaming: --dataset %s has no validation split, so training runs without validation.", spec.name)
         return train, None
     val = _materialise(loaded[eval_name], columns)
-    return train, read_split(val, columns, eval_name, bases, f"{spec.name} [{eval_name}]")
+    return train, read_split(val, columns, eval_name, bases, f"{spec.name} [{eval_name}]", allow_partial=spec.allow_partial_captions)
 
 
 # A streamed validation split is read into memory up to this many rows (validation runs many times).

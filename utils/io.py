@@ -37,6 +37,39 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def unwritable_reason(path: Path, kind: str = "folder") -> str | None:
+    """Why `path` (a folder to create or fill, or a file to write) cannot be written, or None when it can.
+
+    Asked before any model or data loads, so a run never fails at its end for want of a place to write.
+    A temporary file is really created where the first new entry would go: permission bits alone say
+    nothing for root, and read-only mounts, full disks and pseudo file systems only show when tried.
+    """
+    path = Path(path)
+    if path.exists():
+        if kind == "folder" and not path.is_dir():
+            return f"{path} is a file, not a folder"
+        if kind == "file" and path.is_dir():
+            return f"{path} is a folder, not a file"
+    existing = _nearest_existing(path if kind == "folder" else path.parent)
+    if not existing.is_dir():
+        return f"{existing} is a file, so nothing can be created under it"
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".write-check."):
+            pass
+    except OSError as error:
+        return f"nothing can be written in {existing} ({error.strerror or error})"
+    if kind == "file" and path.is_file() and not os.access(path, os.W_OK):
+        return f"{path} is not writable"
+    return None
+
+
 def write_predictions_csv(
     path: Path, predictions: dict[str, str], references: dict[str, list[str]] | None = None
 ) -> None:
@@ -71,7 +104,7 @@ def write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, text + "\n")
 
 
-def read_predictions_file(path: Path) -> dict[str, str]:
+def read_predictions_file(path: Path, allow_partial: bool = False) -> dict[str, str]:
     """First caption per image from a predictions CSV (ours with reference columns, or any captions file)."""
     path = Path(path)
     if not path.is_file():
@@ -82,7 +115,7 @@ def read_predictions_file(path: Path) -> dict[str, str]:
     rows = list(csv.reader(io.StringIO(read_text(path), newline="")))
     header = [cell.strip().lower() for cell in rows[0][:2]] if rows else []
     if header != ["image_name", "caption"]:
-        return {name: captions[0] for name, captions in read_captions_file(path).items()}
+        return {name: captions[0] for name, captions in read_captions_file(path, allow_partial, "--predictions_file").items()}
     # Our own files: column 2 is the prediction; later columns are references, not part of it.
     predictions: dict[str, str] = {}
     for row in rows[1:]:
