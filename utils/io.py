@@ -49,11 +49,12 @@ def give_default_permissions(path: Path) -> None:
 
     Writers that go through a temporary file create it private (0600): mkstemp does, and so does safetensors
     since 0.8.1 (its writer uses a NamedTempFile), which left model.safetensors unreadable to the
-    group and others while the rest of the run was readable. Executable bits are kept.
+    group and others while the rest of the run was readable. An executable file stays executable (0777 less umask).
     """
     path, umask = Path(path), _umask()
     for file in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):
-        os.chmod(file, (0o666 | (file.stat().st_mode & 0o111)) & ~umask)
+        executable = file.stat().st_mode & 0o111
+        os.chmod(file, (0o777 if executable else 0o666) & ~umask)
 
 
 def write_predictions_csv(
