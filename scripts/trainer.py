@@ -173,8 +173,7 @@ class CaptionScorer:
         mine = distributed.split_for_rank([n for n in names if self.cache.is_filled(VAL_KEY + n)])
         captions, was_training = {}, model.training
         model.eval()
-        with progress(total=len(mine), desc=VAL_PROGRESS, logger=logger, bar=False,
-                      disable=not distributed.is_main_process()) as bar:
+        with progress(total=len(mine), desc=VAL_PROGRESS, logger=logger, disable=not distributed.is_main_process()) as bar:
             for start in range(0, len(mine), self.config.batch_size):
                 batch = mine[start : start + self.config.batch_size]
                 features = as_pixel_values(torch.stack([self.cache.read(VAL_KEY + n) for n in batch]))

@@ -88,8 +88,10 @@ def test_terminal_gets_tqdm_and_a_log_file_gets_lines(monkeypatch, caplog):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     bar = progress(total=3, desc="Captioning")
     assert isinstance(bar, tqdm) and not bar.disable
+    inner = progress(total=3, desc="Validation captioning")  # under another bar: tqdm removes it when done
+    assert inner.pos != 0 and not inner.leave
+    inner.close()
     bar.close()
-    assert progress(total=3, desc="Validation captioning", bar=False).disable  # no second bar on a terminal
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     with caplog.at_level(logging.INFO, logger="x"), progress(total=2, desc="Captioning", logger=logging.getLogger("x")) as bar:
         assert isinstance(bar, ProgressLog)

@@ -14,15 +14,15 @@ MILESTONES = (0.25, 0.5, 0.75, 1.0)  # fractions of the total that always get a 
 
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str, unit: str = "images",
-             logger: logging.Logger | None = None, disable: bool = False, leave: bool = True, bar: bool = True,
+             logger: logging.Logger | None = None, disable: bool = False, leave: bool | None = None,
              interval: float | None = None, clock: Callable[[], float] = time.monotonic):
     """A tqdm bar when stderr is a terminal (as the Trainer shows), else a ProgressLog writing to `logger`.
 
-    Used like tqdm: iterate over it, or `with progress(total=n, ...) as bar: bar.update(k)`. disable: neither;
-    bar=False: no bar on a terminal (where another bar is already showing), the log lines still in a log file.
+    Used like tqdm: iterate over it, or `with progress(total=n, ...) as bar: bar.update(k)`. disable: neither.
+    leave None (tqdm's rule): a bar opened under another one (validation under the Trainer's) goes when done.
     """
     if disable or sys.stderr.isatty():
-        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable or not bar, leave=leave)
+        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, leave=leave)
     return ProgressLog(iterable, total=total, desc=desc, unit=unit, logger=logger,
                        interval=LOG_INTERVAL_S if interval is None else interval, clock=clock)
 
