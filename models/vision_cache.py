@@ -8,20 +8,23 @@ inside the block. Nothing else of the model changes, and the original encoder is
 the saved adapter is exactly what PEFT saves for the plain model.
 """
 
+import logging
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
 from utils.dataset_utils import ImageItems
 from utils.distributed import barrier, local_rank, local_world_size, split_for_rank
 from utils.errors import UserInputError
 from utils.feature_store import FeatureStore, feature_cache_bytes
+from utils.progress import progress
 from utils.workers import data_loader
+
+logger = logging.getLogger(__name__)
 
 # Cached features travel as pixel_values with one "channel"; images have three.
 FEATURE_CHANNELS = 1
@@ -155,7 +158,7 @@ def fill_feature_cache(
     todo = split_for_rank([item for item in sources if item[0] in missing], local_rank(), local_world_size())
     skipped: dict[str, str] = {}
     loader = data_loader(ImageItems(todo), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
-    with tqdm(total=len(todo), desc="Caching image features", unit="img", disable=not todo or None) as bar:
+    with progress(total=len(todo), desc="Caching image features", logger=logger, disable=not todo) as bar:
         for batch in loader:
             good = [(key, image) for key, image, _ in batch if image is not None]
             skipped.update({key: reason for key, image, reason in batch if image is None})

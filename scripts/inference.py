@@ -10,7 +10,6 @@ from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -24,9 +23,10 @@ from utils.config import Config, apply_run_settings, find_runs, load_run_config
 from utils.dataset_utils import ImageItems, as_image_source, list_images, load_image
 from utils.errors import UserInputError
 from utils.io import (
-    CaptionPartWriter, caption_parts_dir, read_caption_parts, replace_folder_atomically, write_json_atomic,
-    write_predictions_csv,
+    CaptionPartWriter, caption_parts_dir, read_caption_parts, read_split_names, replace_folder_atomically,
+    write_json_atomic, write_predictions_csv,
 )
+from utils.progress import progress as progress_bar
 from utils.run_lock import lock_folder, lock_output_file
 from utils.text import tidy_caption
 from utils.workers import data_loader
@@ -78,7 +78,7 @@ def caption_pixel_values(model, processor, pixel_values, max_new_tokens: int = 3
 def caption_folder(
     model, processor, folder, names: list[str] | None, batch_size: int = 8, max_new_tokens: int = 30,
     num_beams: int = 1, num_workers: int = 0, progress: bool = True,
-    on_batch: Callable[[dict[str, str], dict[str, str]], None] | None = None,
+    on_batch: Callable[[dict[str, str], dict[str, str]], None] | None = None, progress_desc: str = "Captioning",
 ) -> CaptionResult:
     """Caption the named images in batches; memory stays flat however many there are.
 
@@ -98,7 +98,7 @@ def caption_folder(
     model.eval()
     start = time.perf_counter()
     total = len(names) if names is not None else None
-    with tqdm(total=total, desc="Captioning", unit="img", disable=not progress) as bar:
+    with progress_bar(total=total, desc=progress_desc, logger=logger, disable=not progress) as bar:
         for batch in loader:
             good = [(name, image) for name, image, _ in batch if image is not None]
             skipped = {name: reason for name, image, reason in batch if image is None}
@@ -118,13 +118,13 @@ def caption_folder(
 
 def caption_across_ranks(
     model, processor, folder: Path, names: list[str], batch_size: int = 8, max_new_tokens: int = 30,
-    num_beams: int = 1, num_workers: int = 0, progress: bool = True,
+    num_beams: int = 1, num_workers: int = 0, progress: bool = True, progress_desc: str = "Captioning",
 ) -> CaptionResult:
     """caption_folder with the names split over the launched processes (call it on every rank); every rank
     gets all captions. seconds is the slowest rank's. One process: caption_folder itself."""
     mine = caption_folder(
         model, processor, folder, distributed.split_for_rank(names), batch_size, max_new_tokens, num_beams,
-        num_workers, progress=progress and distributed.is_main_process(),
+        num_workers, progress=progress and distributed.is_main_process(), progress_desc=progress_desc,
     )
     result = CaptionResult()
     for captions, skipped, seconds in distributed.all_gather_object((mine.captions, mine.skipped, mine.seconds)):
@@ -304,11 +304,12 @@ def build_merged_model(config: Config, adapter_dir: Path, device: str):
 
 def sample_images(config: Config, run_settings: dict, limit: int = 16) -> tuple[object, list[str]]:
     """Images for the fidelity check: the run's validation images, else the first training images."""
+    run_settings = {**run_settings, "val_images": read_split_names(config.output_dir, run_settings, "validation")}
     if run_settings.get("dataset"):
         from utils.hf_datasets import sample_dataset_images
 
         return sample_dataset_images(run_settings, limit)
-    if run_settings.get("val_dir") and run_settings.get("val_images"):
+    if run_settings.get("val_dir") and run_settings["val_images"]:
         folder = Path(run_settings["val_dir"])
         names = [n for n in run_settings["val_images"] if (folder / n).is_file()]
         if names:

@@ -167,30 +167,66 @@ def build_gallery(predictions: dict[str, str], references: dict[str, list[str]],
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 
+# A range narrower than this share of its values' size is float noise around one value (e.g. 1.0 vs 1.0 + 1e-16).
+RELATIVE_NOISE = 1e-12
+
+
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round tick values (1, 2, 5 x 10^k apart) covering [low, high]."""
-    if high <= low:
-        pad = abs(low) * 0.1 or 1.0
+    """At least two distinct, increasing round tick values (1, 2, 5 x 10^k apart) covering [low, high].
+
+    Any finite input works: a constant (or noise-wide) range is widened around its value, and a tiny one such
+    as 0 to 8.3e-17 gets ticks 2e-17 apart (rounding to fixed decimals made them all 0 and the plot divided
+    by zero). Non-finite bounds are an error: the caller leaves NaN/inf points out.
+    """
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"nice_ticks needs finite bounds, got {low!r} and {high!r}")
+    low, high = min(low, high), max(low, high)
+    size = max(abs(low), abs(high))
+    if high - low <= size * RELATIVE_NOISE:  # also 0 == 0
+        pad = size * 0.1 or 1.0
         low, high = low - pad, high + pad
-    raw = (high - low) / count
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
-    first = math.floor(low / step + 1e-9) * step
-    ticks = [first]
-    while ticks[-1] < high - 1e-9 * step:
-        ticks.append(first + len(ticks) * step)
-    return [round(t, 12) for t in ticks]
+    raw = high / count - low / count  # not (high - low) / count, which can overflow
+    exponent = math.floor(math.log10(raw))
+    multiple, exponent = next(((m, exponent) for m in (1, 2, 5) if m * 10.0 ** exponent >= raw), (1, exponent + 1))
+    step = multiple * 10.0 ** exponent
+    # Ticks are integer multiples k of the step, rounded to the step's own decimals (0.30000000000000004 -> 0.3).
+    first, last = math.floor(low / step + 1e-9), math.ceil(high / step - 1e-9)
+    digits = max(0, -exponent)
+    ticks = [round(k * multiple * 10.0 ** exponent, digits) if digits else float(k * multiple * 10 ** exponent)
+             for k in range(first, max(last, first + 1) + 1)]
+    return [t for i, t in enumerate(ticks) if i == 0 or t > ticks[i - 1]]
+
+
+def tick_labels(ticks: list[float]) -> list[str]:
+    """Labels that tell neighbouring ticks apart: 4 significant digits, more when the ticks need them."""
+    for digits in range(4, 18):
+        labels = [f"{t:.{digits}g}" for t in ticks]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
 
 
 def _label(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _finite_points(points) -> list[tuple[float, float]]:
+    """(x, y) pairs as floats, sorted; NaN, inf and values that are not numbers are left out."""
+    kept = []
+    for point in points:
+        try:
+            x, y = float(point[0]), float(point[1])
+        except (TypeError, ValueError, IndexError):
+            continue
+        if math.isfinite(x) and math.isfinite(y):
+            kept.append((x, y))
+    return sorted(kept)
+
+
 def svg_line_plot(series: list[tuple[str, list[tuple[float, float]]]], title: str, x_label: str, y_label: str,
                   width: int = 380, height: int = 260) -> str:
     """An SVG line chart (axes, ticks, labels, legend) of [(label, [(x, y), ...])]; "" when there is nothing to draw."""
-    series = [(label, sorted((float(x), float(y)) for x, y in points if math.isfinite(x) and math.isfinite(y)))
-              for label, points in series]
+    series = [(label, _finite_points(points)) for label, points in series]
     series = [(label, points) for label, points in series if points]
     if not series:
         return ""
@@ -201,24 +237,27 @@ def svg_line_plot(series: list[tuple[str, list[tuple[float, float]]]], title: st
     legend_x = left
     plot_w, plot_h = width - left - right, height - top - bottom
 
+    def share(value, ticks):  # 0..1 along the axis; halved first, so a wide range cannot overflow to inf
+        return (value / 2 - ticks[0] / 2) / (ticks[-1] / 2 - ticks[0] / 2)
+
     def px(x):
-        return left + (x - x_ticks[0]) / (x_ticks[-1] - x_ticks[0]) * plot_w
+        return left + share(x, x_ticks) * plot_w
 
     def py(y):
-        return top + plot_h - (y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * plot_h
+        return top + plot_h - share(y, y_ticks) * plot_h
 
     esc = html.escape
     parts = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">',
              f'<text x="{width / 2}" y="18" text-anchor="middle" class="plot-title">{esc(title)}</text>',
              f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>']
-    for t in x_ticks:
+    for t, text in zip(x_ticks, tick_labels(x_ticks)):
         parts.append(f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{top + plot_h}" y2="{top + plot_h + 4}" stroke="#666"/>'
-                     f'<text x="{px(t):.1f}" y="{top + plot_h + 16}" text-anchor="middle" class="tick">{_label(t)}</text>')
-    for t in y_ticks:
+                     f'<text x="{px(t):.1f}" y="{top + plot_h + 16}" text-anchor="middle" class="tick">{text}</text>')
+    for t, text in zip(y_ticks, tick_labels(y_ticks)):
         parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#eee"/>'
                      f'<line x1="{left - 4}" x2="{left}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#666"/>'
-                     f'<text x="{left - 6}" y="{py(t) + 4:.1f}" text-anchor="end" class="tick">{_label(t)}</text>')
+                     f'<text x="{left - 6}" y="{py(t) + 4:.1f}" text-anchor="end" class="tick">{text}</text>')
     parts.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle" class="axis-label">{esc(x_label)}</text>'
                  f'<text transform="translate(14 {top + plot_h / 2}) rotate(-90)" text-anchor="middle" '
                  f'class="axis-label">{esc(y_label)}</text>')

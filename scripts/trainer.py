@@ -36,12 +36,15 @@ from utils.feature_store import FeatureStore
 from utils.io import replace_folder_atomically, write_json_atomic
 from utils.run_lock import LOCK_NAME, lock_folder
 from utils.workers import guard_workers
+from utils.io import give_default_permissions, replace_folder_atomically, write_json_atomic, write_split_file
+from utils.progress import progress
 
 logger = logging.getLogger(__name__)
 
 
 # Keys of the feature cache: a training and a validation image may share a name.
 TRAIN_KEY, VAL_KEY = "train/", "val/"
+VAL_PROGRESS = "Validation captioning"
 FILL_BATCH = 16  # images per vision-tower forward while filling the cache (0.128 vs 0.2 s per image at 4, git-base, CPU)
 
 
@@ -128,6 +131,7 @@ def created_run_dir(run_dir: Path, resume: bool = False):
     lock_folder(run_dir, "The run folder")
     if not resume:  # another job may have filled it since _choose_run_dir looked
         distributed.run_on_main(lambda: _require_fresh(run_dir))
+    logger.info("Run folder: %s", run_dir.resolve())  # only now: a run that failed before never had one
     try:
         yield
     except BaseException:
@@ -178,26 +182,31 @@ class CaptionScorer:
         if self.cache is None:
             return caption_across_ranks(
                 model, self.processor, self.splits.val_dir, names, self.config.batch_size,
-                self.config.generation_tokens, self.config.num_beams, progress=False,
+                self.config.generation_tokens, self.config.num_beams, progress=True, progress_desc=VAL_PROGRESS,
             ).captions
         # From the cached features: no image decoded, no vision tower run (see models/vision_cache.py).
         mine = distributed.split_for_rank([n for n in names if self.cache.is_filled(VAL_KEY + n)])
         captions, was_training = {}, model.training
         model.eval()
-        for start in range(0, len(mine), self.config.batch_size):
-            batch = mine[start : start + self.config.batch_size]
-            features = as_pixel_values(torch.stack([self.cache.read(VAL_KEY + n) for n in batch]))
-            texts = caption_pixel_values(model, self.processor, features, self.config.generation_tokens, self.config.num_beams)
-            captions.update(zip(batch, texts))
+        with progress(total=len(mine), desc=VAL_PROGRESS, logger=logger, disable=not distributed.is_main_process()) as bar:
+            for start in range(0, len(mine), self.config.batch_size):
+                batch = mine[start : start + self.config.batch_size]
+                features = as_pixel_values(torch.stack([self.cache.read(VAL_KEY + n) for n in batch]))
+                texts = caption_pixel_values(model, self.processor, features, self.config.generation_tokens, self.config.num_beams)
+                captions.update(zip(batch, texts))
+                bar.update(len(batch))
         model.train(was_training)
         return {name: text for part in distributed.all_gather_object(captions) for name, text in part.items()}
 
     def __call__(self, model, fgd: bool | None = None) -> tuple[dict, dict[str, str]]:
         """Every rank captions its share of the images (call it on all ranks); the main process scores the
         gathered captions and every rank gets the same scores, as best-model selection needs."""
+        return self.score(self.caption(model), fgd)
+
+    def score(self, captions: dict[str, str], fgd: bool | None = None) -> tuple[dict, dict[str, str]]:
+        """(scores, predictions) of captions from `caption` (call it on all ranks)."""
         from utils.evaluation import compute_caption_metrics, score_captions
 
-        captions = self.caption(model)
         predictions = {name: captions.get(name, "") for name in self.references}
         if self.with_fgd if fgd is None else fgd:
             scores = distributed.run_on_main(lambda: score_captions(predictions, self.references, self.config.fgd_model))
@@ -230,6 +239,7 @@ class CaptionTrainer(Trainer):
     def __init__(self, *args, caption_scorer: CaptionScorer | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.caption_scorer = caption_scorer
+        self.val_captions: dict[int, dict[str, str]] = {}  # step -> captions, the best and the latest evaluation's
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # GIT computes logits for its 197 image positions too and then drops them: with a 30,522-word LM head
@@ -254,7 +264,10 @@ class CaptionTrainer(Trainer):
     def evaluate(self, *args, **kwargs):
         metrics = super().evaluate(*args, **kwargs)
         if self.caption_scorer is not None:
-            scores, _ = self.caption_scorer(self.model, fgd=False)
+            best = final_model_step(self.state)
+            self.val_captions = {step: c for step, c in self.val_captions.items() if step == best}
+            self.val_captions[self.state.global_step] = captions = self.caption_scorer.caption(self.model)
+            scores, _ = self.caption_scorer.score(captions, fgd=False)
             extra = {f"eval_{k}": v for k, v in scores.items() if isinstance(v, float)}
             metrics.update(extra)
             self.log(extra)
@@ -275,6 +288,15 @@ class QuietProgressCallback(ProgressCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         pass
+
+
+class ReadableCheckpoints(TrainerCallback):
+    """Checkpoint files with the permissions of the rest of the run (safetensors writes them 0600)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            give_default_permissions(folder)
 
 
 class StepTimer(TrainerCallback):
@@ -366,8 +388,11 @@ def write_run_config(config: Config, run_dir: Path, device: str, splits: DataSpl
         num_train_examples=None if splits.train_stream is not None else len(splits.train), num_val_examples=len(splits.val),
         truncated_train_captions=truncated,
         val_dir=str(splits.val_dir) if splits.val else None,
-        val_images=sorted({e.image_name for e in splits.val}),
+        # The names themselves in RUN/splits/ (megabytes at a million images); here their count and hash.
+        splits={"validation": write_split_file(run_dir, "validation", {e.image_name for e in splits.val})},
     )
+    if splits.train_stream is None:
+        settings["splits"]["train"] = write_split_file(run_dir, "train", {e.image_name for e in splits.train})
     write_json_atomic(run_dir / "run_config.json", settings)
 
 
@@ -395,8 +420,7 @@ def warn_truncated_captions(processor, examples: list[Example], max_length: int)
     return len(cut)
 
 
-def log_settings(config: Config, run_dir: Path, device: str) -> None:
-    logger.info("Run folder: %s", run_dir.resolve())
+def log_settings(config: Config, device: str) -> None:
     logger.info("Precision: %s", describe_precision(config, device))
     logger.info(
         "Processes: %d; effective batch %d images per optimizer step (batch_size %d x gradient_accumulation %d x %d)",
@@ -463,7 +487,7 @@ def train(config: Config) -> int:
     if config.resume:  # the folder exists: no other job may write it from here on, before anything loads
         lock_folder(run_dir, "The run folder")
     device = resolve_device()
-    log_settings(config, run_dir, device)
+    log_settings(config, device)
     # Data and model are checked before the run folder exists, so a bad flag leaves no folder behind.
     splits = load_splits(config)
     processor = load_processor(config.model_name, config.trust_remote_code)
@@ -499,8 +523,7 @@ def train(config: Config) -> int:
         metrics.update(training_metrics(result, timer, time.perf_counter() - start, cache_seconds, config, device))
         final = distributed.on_main_process(save_final_model, trainer.model, processor, run_dir)
         if scorer is not None:
-            metrics["val_loss"] = Trainer.evaluate(trainer)["eval_loss"]
-            metrics["after"], predictions = scorer(trainer.model)
+            metrics["val_loss"], metrics["after"], predictions = final_validation(trainer, scorer)
             metrics["sample_captions"] = dict(list(predictions.items())[:5])
     if cache is not None:
         distributed.barrier()  # every rank is done reading it
@@ -510,6 +533,24 @@ def train(config: Config) -> int:
     logger.info("Adapter saved to %s", final)
     logger.info("Run folder: %s", run_dir.resolve())
     return 0
+
+
+def final_model_step(state) -> int:
+    """The step whose weights the Trainer leaves in the model: the best checkpoint's, which it loads at the end."""
+    suffix = Path(state.best_model_checkpoint or "").name.rsplit("-", 1)[-1]
+    return int(suffix) if suffix.isdigit() else state.global_step
+
+
+def final_validation(trainer: CaptionTrainer, scorer: CaptionScorer) -> tuple[float, dict, dict[str, str]]:
+    """(loss, scores, captions) of the final model on the validation images. The training's evaluation of the
+    same weights is reused (its loss from the log history, its captions when it captioned), so the last
+    validation pass is not run a second time; only what it did not compute is computed (call it on all ranks)."""
+    step = final_model_step(trainer.state)
+    losses = {e.get("step"): e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
+    loss = losses[step] if step in losses else Trainer.evaluate(trainer)["eval_loss"]
+    captions = trainer.val_captions.get(step)
+    scores, predictions = scorer.score(captions if captions is not None else scorer.caption(trainer.model))
+    return loss, scores, predictions
 
 
 def finish_metrics(run_dir: Path, metrics: dict) -> None:
@@ -570,7 +611,7 @@ def build_trainer(config, run_dir, model, processor, splits, scorer, device, cac
         train_dataset=train_data,
         eval_dataset=val_data,
         data_collator=collator,
-        callbacks=[c for c in (tensorboard, timer) if c is not None],
+        callbacks=[c for c in (tensorboard, timer, ReadableCheckpoints()) if c is not None],
         caption_scorer=scorer if config.metric_for_best_model != "loss" else None,
     )
     for printing in (PrinterCallback, ProgressCallback):

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -105,6 +106,14 @@ def test_merged_model_runs_with_plain_transformers(merged_run, data_dir):
     config = apply_run_settings(Config(mode="inference"), load_run_config(merged_run))
     adapter = load_adapter_model(config.replace(bnb_4bit_compute_dtype="float32"), merged_run / "final_model", "cpu")
     assert caption.strip() == generate_captions(adapter, processor, [image], max_new_tokens=10)[0]
+
+
+def test_merged_model_files_have_the_permissions_of_the_rest_of_the_run(merged_run):
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (merged_run / "merged_model").iterdir()}
+    assert "model.safetensors" in modes  # safetensors writes it 0600 through a temporary file
+    assert set(modes.values()) == {0o666 & ~umask} == {(merged_run / "run_config.json").stat().st_mode & 0o777}, modes
 
 
 def test_merged_captions_agree_with_the_adapter(merged_run, data_dir):

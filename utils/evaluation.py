@@ -14,11 +14,11 @@ import torch
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
-from tqdm.auto import tqdm
 
 from utils.dataset_utils import format_names, warn_names
 from utils.errors import UserInputError
 from utils.hub import check_hub_name
+from utils.progress import progress
 from utils.text import normalize_caption
 
 logger = logging.getLogger(__name__)
@@ -214,6 +214,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> tuple[float
 
 
 _ENCODERS: dict[tuple[str, str], tuple | Exception] = {}
+_WARNED_NOTES: set[str] = set()  # notes already logged as a warning, which the tables do not repeat
 
 
 def load_text_encoder(name_or_path: str, device="cpu"):
@@ -242,7 +243,8 @@ def embed_captions(captions: list[str], encoder, tokenizer, device="cpu", batch_
     """L2-normalised mean-pooled embeddings, one row per caption (the GTE recipe)."""
     batches = [captions[i : i + batch_size] for i in range(0, len(captions), batch_size)]
     rows = [np.zeros((0, encoder.config.hidden_size), np.float32)]
-    for batch in tqdm(batches, desc="Embedding captions", leave=False, disable=len(batches) < 2):
+    for batch in progress(batches, desc="Embedding captions for FGD", unit="batches", logger=logger, leave=False,
+                          disable=len(batches) < 2):
         inputs = tokenizer(batch, padding=True, truncation=True, max_length=512, return_tensors="pt").to(device)
         with torch.no_grad():
             hidden = encoder(**inputs).last_hidden_state
@@ -293,16 +295,13 @@ def compute_fgd(
         encoder, tokenizer = load_text_encoder(encoder_name, device)
     # FGD is an extra: whatever stops the encoder loading must not cost the user the other metrics.
     except Exception as err:  # noqa: BLE001
-        first_line = _describe_load_error(encoder_name, err)
-        logger.warning("FGD skipped: could not load text encoder %r: %s", encoder_name, first_line)
-        return {
-            "fgd": None,
-            "fgd_note": (
-                f"FGD not computed: text encoder {encoder_name!r} could not be loaded ({first_line}). "
+        note = (f"FGD not computed: text encoder {encoder_name!r} could not be loaded ({_describe_load_error(encoder_name, err)}). "
                 "Give a local folder holding the encoder, or run with access to the Hugging Face hub. "
-                "The other metrics are still valid."
-            ),
-        }
+                "The other metrics are still valid.")
+        if note not in _WARNED_NOTES:  # training scores before and after: one warning, not one per table
+            _WARNED_NOTES.add(note)
+            logger.warning("%s", note)
+        return {"fgd": None, "fgd_note": note}
     return fgd_from_embeddings(
         embed_captions(predictions, encoder, tokenizer, device),
         embed_captions(references, encoder, tokenizer, device),
@@ -373,7 +372,7 @@ def format_metrics_table(metrics: dict, other: dict | None = None) -> str:
     lines = ["  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     labels = [("", metrics)] if other is None else [("before: ", metrics), ("after: ", other)]
-    lines += [f"note: {label}{d['fgd_note']}" for label, d in labels if d.get("fgd_note")]
+    lines += [f"note: {label}{d['fgd_note']}" for label, d in labels if d.get("fgd_note") not in _WARNED_NOTES | {None}]
     return "\n".join(lines)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -17,6 +19,8 @@ import numpy as np
 from utils.dataset_utils import read_captions_file, read_text
 from utils.errors import UserInputError
 
+logger = logging.getLogger(__name__)
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write text via a temporary file in the same folder, so readers never see half a file."""
@@ -26,10 +30,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        give_default_permissions(Path(tmp))  # mkstemp makes the file private (0600)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -68,6 +69,25 @@ def unwritable_reason(path: Path, kind: str = "folder") -> str | None:
     if kind == "file" and path.is_file() and not os.access(path, os.W_OK):
         return f"{path} is not writable"
     return None
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def give_default_permissions(path: Path) -> None:
+    """Give a file, or every file under a folder, the mode a plain open() would have given it.
+
+    Writers that go through a temporary file create it private (0600): mkstemp does, and so does safetensors
+    since 0.8.1 (its writer uses a NamedTempFile), which left model.safetensors unreadable to the
+    group and others while the rest of the run was readable. An executable file stays executable (0777 less umask).
+    """
+    path, umask = Path(path), _umask()
+    for file in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):
+        executable = file.stat().st_mode & 0o111
+        os.chmod(file, (0o777 if executable else 0o666) & ~umask)
 
 
 def write_predictions_csv(
@@ -127,13 +147,44 @@ def read_predictions_file(path: Path, allow_partial: bool = False) -> dict[str, 
 
 
 def replace_folder_atomically(tmp: Path, final: Path) -> None:
-    """Move a fully written folder tmp to final; an existing final is kept until the new one is in place."""
+    """Move a fully written folder tmp to final; an existing final is kept until the new one is in place.
+    Its files get the permissions plain files have (see give_default_permissions)."""
+    give_default_permissions(tmp)
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# A run's image lists: RUN/splits/NAME.txt, one image name per line; run_config.json keeps count and hash
+# ---------------------------------------------------------------------------
+
+SPLITS_DIR = "splits"
+
+
+def write_split_file(run_dir: Path, split: str, names) -> dict:
+    """Write RUN/splits/{split}.txt (sorted names, one a line); returns what run_config.json keeps of it."""
+    text = "".join(f"{name}\n" for name in sorted(names))
+    write_text_atomic(Path(run_dir) / SPLITS_DIR / f"{split}.txt", text)
+    return {"file": f"{SPLITS_DIR}/{split}.txt", "images": len(names),
+            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+
+
+def read_split_names(run_dir: Path, settings: dict, split: str = "validation") -> list[str]:
+    """The image names of a run's split: RUN/splits/{split}.txt, or the `val_images` list that runs written
+    before it kept in run_config.json. [] when neither exists; a file that does not match its hash is a warning."""
+    path = Path(run_dir) / SPLITS_DIR / f"{split}.txt"
+    if not path.is_file():
+        return list(settings.get("val_images") or []) if split == "validation" else []
+    text = path.read_text(encoding="utf-8")
+    expected = ((settings.get("splits") or {}).get(split) or {}).get("sha256")
+    if expected and hashlib.sha256(text.encode("utf-8")).hexdigest() != expected:
+        logger.warning("%s does not match the hash run_config.json keeps for it: it was "
+                                            "changed after training; its names are used as they are.", path)
+    return text.split("\n")[:-1]
 
 
 # ---------------------------------------------------------------------------
