@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ MERGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "rouge_1", "rouge_2")
 DEFAULT_TARGET_MODULES = ("query", "key", "value", "dense")  # every Linear of GIT's text decoder
 # --report_to: the Trainer's integrations offered here, with the package each needs and how to install it.
-TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "mlflow": ("mlflow", "pip install mlflow-skinny"),
+TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "mlflow": ("mlflow", "pip install mlflow"),
             "wandb": ("wandb", "pip install wandb")}
 TUPLE_FIELDS = ("lora_target_modules", "report_to")  # comma-separated on the command line, lists in a --config file
 # Settings that define the trained model; later modes take them from the run, not the command line.
@@ -248,6 +249,11 @@ def _check_training_extras(config: Config, problems: list[str]) -> None:
             if package is not None and importlib.util.find_spec(package) is None:
                 problems.append(f"--report_to {name} needs the {package} package, which is not installed: run `{install}` "
                                 "(or pip install -r requirements-extras.txt), or leave it out of --report_to.")
+    local_store = not os.environ.get("MLFLOW_TRACKING_URI")
+    if config.mode == "train" and "mlflow" in config.report_to and local_store and importlib.util.find_spec("mlflow") \
+            and importlib.util.find_spec("sqlalchemy") is None:
+        problems.append("--report_to mlflow: the installed mlflow-skinny cannot keep runs in MLflow's default local store "
+                        "(sqlite); run `pip install mlflow`, or set MLFLOW_TRACKING_URI to your tracking server.")
     _check_range(problems, "--early_stopping_patience", config.early_stopping_patience, 0)
     _check_range(problems, "--early_stopping_threshold", config.early_stopping_threshold, 0.0)
     no_validation = config.test_dir is None and config.split_ratio == 0 and config.dataset is None

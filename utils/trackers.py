@@ -6,6 +6,8 @@ import logging
 import os
 from pathlib import Path
 
+from utils.errors import UserInputError
+
 logger = logging.getLogger(__name__)
 
 PARAM_PREFIX = "run_config."  # the Trainer logs TrainingArguments under the same names (learning_rate, seed...)
@@ -42,8 +44,8 @@ class TrackerRuns:
 
             from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
-            if mlflow.active_run() is None:  # e.g. a caller's own run: log into it
-                mlflow.start_run(run_name=self.run_name)
+            if mlflow.active_run() is None:  # else a caller's own run: log into it
+                self._start_mlflow(mlflow)
             self.mlflow = mlflow
             params = {PARAM_PREFIX + k: _param_text(v) for k, v in settings.items() if len(_param_text(v)) <= MAX_PARAM_VAL_LENGTH}
             items = list(params.items())
@@ -60,6 +62,17 @@ class TrackerRuns:
             else:
                 wandb.config.update({"run_config": settings}, allow_val_change=True)
             self.wandb = wandb
+
+    def _start_mlflow(self, mlflow) -> None:
+        try:
+            mlflow.start_run(run_name=self.run_name)
+        except Exception as error:  # noqa: BLE001 - a store it cannot open, a server it cannot reach: the user's setup
+            first = str(error).split(". ")[0]
+            raise UserInputError(
+                f"--report_to mlflow could not start a run at tracking URI {mlflow.get_tracking_uri()}: {first}. "
+                "Check MLFLOW_TRACKING_URI (a server, sqlite:///mlflow.db with `pip install mlflow`, or file:DIR with "
+                "MLFLOW_ALLOW_FILE_STORE=true), or leave mlflow out of --report_to."
+            ) from None
 
     def log_final(self, metrics: dict, files: list[Path]) -> None:
         """The final metrics (before/after caption scores, early stopping, speed) and the run's record files."""
