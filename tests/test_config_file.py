@@ -39,9 +39,9 @@ def test_file_fills_unset_flags_and_the_command_line_wins_even_at_its_default(tm
 
 
 def test_json_file_and_mode_as_flag_name(tmp_path):
-    cfg = write(tmp_path / "run.json", json.dumps({"train": True, "train_dir": "imgs", "epochs": 2}))
+    cfg = write(tmp_path / "run.json", json.dumps({"train": True, "train_dir": "imgs", "epochs": 2, "run_name": 2017}))
     config = config_from(["--config", str(cfg)])
-    assert (config.mode, config.epochs) == ("train", 2.0)
+    assert (config.mode, config.epochs, config.run_name) == ("train", 2.0, "2017")
 
 
 @pytest.mark.parametrize(

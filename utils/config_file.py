@@ -115,6 +115,8 @@ def _convert(key: str, value, problems: list[str]):
         return None
     if kind is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return ",".join(value)
+    if kind in (str, Path) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # `run_name: 2017` unquoted: the command line would take it as text too
     if kind in (int, float) and isinstance(value, str):
         try:  # YAML 1.1 reads 2e-4 (no dot) as text; accept what the command line would
             return kind(value)
