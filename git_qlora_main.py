@@ -25,14 +25,16 @@ def return_freed_memory_to_the_os() -> None:
             pass
 
 from utils import distributed  # noqa: E402
-from utils.config import DEFAULT_TARGET_MODULES, Config, validate  # noqa: E402
+from utils.config import TUPLE_FIELDS, Config, validate  # noqa: E402
+from utils.config_file import apply_config_file, explicit_flags, parser_defaults  # noqa: E402
 from utils.errors import UserInputError  # noqa: E402
 
 logger = logging.getLogger("git_qlora")
 
 
 def _modes(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group(required=True)
+    # Not required by argparse: the mode may come from --config; main() checks that one was given.
+    group = parser.add_mutually_exclusive_group()
     group.add_argument("--train", action="store_const", dest="mode", const="train", help="fine-tune LoRA adapters on --train_dir")
     group.add_argument("--eval", action="store_const", dest="mode", const="eval", help="score captions (of a run, a base model, or --predictions_file)")
     group.add_argument("--inference", action="store_const", dest="mode", const="inference", help="caption --test_dir or --test_image")
@@ -47,81 +49,105 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--captions_file", type=Path, help="CSV image_name,caption (several rows per image allowed); default: metadata.csv/jsonl in the folder, else file names")
     g.add_argument("--test_image", type=Path, help="one image to caption (--inference); the caption goes to stdout")
     g.add_argument("--predictions_file", type=Path, help="--inference: where to write captions (default RUN/captions.csv); --eval: captions to score")
-    g.add_argument("--split_ratio", type=float, default=0.1, help="share of training images held out for validation when there is no --test_dir")
-    g.add_argument("--max_length", type=int, default=40, help="caption length in tokens; longer captions are truncated")
+    g.add_argument("--split_ratio", type=float, help="share of training images held out for validation when there is no --test_dir")
+    g.add_argument("--max_length", type=int, help="caption length in tokens; longer captions are truncated")
     g.add_argument("--allow_partial_captions", action="store_true", help="go on when unreadable caption rows (or empty --dataset captions) cost over 1%% of the images; by default that stops the run")
     d = parser.add_argument_group("data from Hugging Face datasets (instead of --train_dir / --test_dir)")
     d.add_argument("--dataset", help="hub dataset id, local folder or file of parquet/arrow/JSONL, or a glob of WebDataset .tar shards ('shards/*.tar')")
     d.add_argument("--dataset_config", help="the dataset's configuration name (hub datasets with several)")
-    d.add_argument("--train_split", default="train", help="split to train on")
+    d.add_argument("--train_split", help="split to train on")
     d.add_argument("--eval_split", help="split for validation, --eval and --inference (default: validation or test if present, else a --split_ratio hold-out of --train_split)")
     d.add_argument("--image_column", help="column holding the image: Image feature, {bytes, path}, raw bytes or a path (default: image, jpg, png, webp, ...)")
     d.add_argument("--caption_column", help="column holding the caption; a list is several references (default: text, caption, captions, txt, sentences, json)")
     d.add_argument("--id_column", help="column naming each image in captions.csv and eval_predictions.csv (default: WebDataset __key__, else SPLIT/row number)")
     d.add_argument("--streaming", action="store_true", help="--train reads the dataset as it goes, without downloading it all (needs --max_steps)")
-    d.add_argument("--shuffle_buffer", type=int, default=1000, help="--streaming: examples held for shuffling (0 or 1: stream order)")
+    d.add_argument("--shuffle_buffer", type=int, help="--streaming: examples held for shuffling (0 or 1: stream order)")
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model_name", help="hub id or local folder of a GIT checkpoint (training default: microsoft/git-base)")
-    g.add_argument("--quantization_bits", type=int, default=4, help="4 (NF4 QLoRA), 8, 16 (bf16 base) or 32 (fp32 base)")
-    g.add_argument("--bnb_4bit_quant_type", default="nf4", help="nf4 or fp4")
-    g.add_argument("--bnb_4bit_compute_dtype", default="auto", help="auto (bfloat16 on GPUs that have it, else float32), float32, bfloat16, float16")
-    g.add_argument("--bnb_4bit_use_double_quant", action=argparse.BooleanOptionalAction, default=True, help="quantize the quantization constants too")
-    g.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
-    g.add_argument("--lora_alpha", type=float, default=32, help="LoRA scaling numerator (scale = alpha / r)")
-    g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA input (0: none; drawing its masks was a third of a CPU training step)")
-    g.add_argument("--lora_target_modules", default=",".join(DEFAULT_TARGET_MODULES), help="comma-separated Linear layer names to adapt")
+    g.add_argument("--quantization_bits", type=int, help="4 (NF4 QLoRA), 8, 16 (bf16 base) or 32 (fp32 base)")
+    g.add_argument("--bnb_4bit_quant_type", help="nf4 or fp4")
+    g.add_argument("--bnb_4bit_compute_dtype", help="auto: bfloat16 where the hardware has it (GPUs with native bf16; CPUs with AVX-512 BF16 or AMX), float16 on older GPUs, float32 on other CPUs; or float32 (the exact path), bfloat16, float16")
+    g.add_argument("--bnb_4bit_use_double_quant", action=argparse.BooleanOptionalAction, help="quantize the quantization constants too")
+    g.add_argument("--lora_r", type=int, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=float, help="LoRA scaling numerator (scale = alpha / r)")
+    g.add_argument("--lora_dropout", type=float, help="dropout on the LoRA input (0: none; drawing its masks was a third of a CPU training step)")
+    g.add_argument("--lora_target_modules", help="comma-separated Linear layer names to adapt")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
-    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off by default)")
+    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
 
 
 def _training_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
-    g.add_argument("--output_dir", type=Path, help="--train: parent of the run folder (default ./results); other modes: the run folder")
+    g.add_argument("--output_dir", type=Path, help="--train: parent of the run folder (default: results; --demo: results/demo); other modes: the run folder")
     g.add_argument("--run_name", help="run folder name under --output_dir (default: a timestamp)")
-    g.add_argument("--batch_size", type=int, default=8, help="images per step (training, captioning)")
-    g.add_argument("--epochs", type=float, default=3.0, help="passes over the training images")
-    g.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --epochs")
-    g.add_argument("--learning_rate", type=float, default=2e-4, help="peak learning rate (linear decay)")
-    g.add_argument("--gradient_accumulation", type=int, default=1, help="batches per optimizer step")
-    g.add_argument("--warmup_ratio", type=float, default=0.05, help="share of steps with linear warm-up")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--seed", type=int, default=42, help="seed for the split, initialisation and data order")
+    g.add_argument("--batch_size", type=int, help="images per step (training, captioning)")
+    g.add_argument("--epochs", type=float, help="passes over the training images")
+    g.add_argument("--max_steps", type=int, help="optimizer steps; overrides --epochs")
+    g.add_argument("--learning_rate", type=float, help="peak learning rate (linear decay)")
+    g.add_argument("--gradient_accumulation", type=int, help="batches per optimizer step")
+    g.add_argument("--warmup_ratio", type=float, help="share of steps with linear warm-up")
+    g.add_argument("--weight_decay", type=float, help="AdamW weight decay")
+    g.add_argument("--seed", type=int, help="seed for the split, initialisation and data order")
     g.add_argument("--eval_steps", type=int, help="validate and checkpoint every N steps (default: once per epoch)")
-    g.add_argument("--logging_steps", type=int, default=10, help="log the training loss every N steps")
-    g.add_argument("--save_total_limit", type=int, default=2, help="checkpoints kept (the best one is always kept)")
-    g.add_argument("--metric_for_best_model", default="loss", help="loss (validation loss) or a caption metric such as cider, bleu_4")
-    g.add_argument("--num_workers", type=int, default=2, help="image-decoding worker processes")
+    g.add_argument("--logging_steps", type=int, help="log the training loss every N steps")
+    g.add_argument("--save_total_limit", type=int, help="checkpoints kept (the best one is always kept)")
+    g.add_argument("--metric_for_best_model", help="what picks the best checkpoint and drives --early_stopping_patience: loss (validation loss) or a caption metric such as cider, bleu_4")
+    g.add_argument("--num_workers", type=int, help="image-decoding worker processes")
     g.add_argument("--resume", action="store_true", help="--train: continue the run (--run_name, default the newest) from its last checkpoint; --inference --test_dir: caption only the images an interrupted job left")
-    g.add_argument("--cache_image_features", default="auto", help="auto (on when the vision tower is frozen and the cache fits), on or off: encode each image once and train on the cached features")
+    g.add_argument("--cache_image_features", help="auto (on when the vision tower is frozen and the cache fits), on or off: encode each image once and train on the cached features")
+    g.add_argument("--report_to", help="where training logs go, comma-separated: tensorboard (RUN/logs), mlflow, wandb, or none (mlflow and wandb: pip install -r requirements-extras.txt)")
+    g.add_argument("--early_stopping_patience", type=int, help="stop after N validations in a row without --metric_for_best_model improving (0: never stop early)")
+    g.add_argument("--early_stopping_threshold", type=float, help="smallest change of --metric_for_best_model that counts as an improvement")
 
 
 def _generation_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("captioning, evaluation, merging")
     g.add_argument("--max_new_tokens", type=int, help="longest caption generated, in tokens (default: the run's --max_length)")
-    g.add_argument("--num_beams", type=int, default=1, help="beam search width (1 = greedy)")
+    g.add_argument("--num_beams", type=int, help="beam search width (1 = greedy)")
     g.add_argument("--use_merged", action="store_true", help="caption with RUN/merged_model instead of base + adapter")
-    g.add_argument("--fgd_model", default="thenlper/gte-small", help="sentence encoder for Fréchet GTE Distance (hub id or folder); 'none' skips it")
-    g.add_argument("--merge_base", default="dequantized", help="dequantized (the 4-bit weights the adapter was trained on) or original (full precision)")
-    g.add_argument("--merge_dtype", default="auto", help="auto (float32 on the CPU, the training dtype on a GPU), float32, float16, bfloat16")
-    g.add_argument("--demo_scale", type=float, default=1.0, help="shrink the demo (0..1] for a quick check")
+    g.add_argument("--fgd_model", help="sentence encoder for Fréchet GTE Distance (hub id or folder); 'none' skips it")
+    g.add_argument("--merge_base", help="dequantized (the 4-bit weights the adapter was trained on) or original (full precision)")
+    g.add_argument("--merge_dtype", help="auto (float32 on the CPU, the training dtype on a GPU), float32, float16, bfloat16")
+    g.add_argument("--demo_scale", type=float, help="shrink the demo (0..1] for a quick check")
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """argparse's "(default: ...)" after every flag's help, except where the help already says what an unset
+    flag means (e.g. "--eval_steps ... (default: once per epoch)")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or not action.option_strings or action.default is argparse.SUPPRESS or action.dest == "mode":
+            return text
+        if action.default is None and "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag's default is its Config field's default (utils/config.py): a new flag is a Config field plus an
+    add_argument call without default=."""
     parser = argparse.ArgumentParser(
         prog="git_qlora_main.py",
         description="Fine-tune Microsoft GIT captioning models with QLoRA, caption, merge and evaluate.",
+        formatter_class=DefaultsHelpFormatter,
     )
+    parser.add_argument("--config", type=Path, help="YAML or JSON file of settings, keys as the flags without dashes "
+                        "(lora_r: 16); a RUN/run_config.json reruns that run. Flags on the command line override it")
     for add in (_modes, _data_flags, _model_flags, _training_flags, _generation_flags):
         add(parser)
+    parser.set_defaults(**parser_defaults(parser))
     return parser
 
 
 def build_config(args: argparse.Namespace) -> Config:
-    values = vars(args).copy()
-    values["lora_target_modules"] = tuple(n.strip() for n in values["lora_target_modules"].split(",") if n.strip())
+    values = {k: v for k, v in vars(args).items() if k != "config"}
+    for name in TUPLE_FIELDS:  # comma-separated on the command line
+        if isinstance(values.get(name), str):
+            values[name] = tuple(n.strip() for n in values[name].split(",") if n.strip())
     if values["fgd_model"] is not None and values["fgd_model"].lower() in ("none", ""):
         values["fgd_model"] = None
     if values["output_dir"] is None:
@@ -203,6 +229,13 @@ def run_mode(config: Config) -> int:
     return run_demo(config)
 
 
+def usage_error(parser: argparse.ArgumentParser, message: str) -> int:
+    try:
+        parser.error(message)  # prints the usage line and the message, as argparse's own errors
+    except SystemExit as exit_:
+        return int(exit_.code)
+
+
 def main(argv: list[str] | None = None) -> int:
     return_freed_memory_to_the_os()
     parser = build_parser()
@@ -212,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     setup_logging()
     try:
+        if args.config is not None:  # the file fills what the command line left unset
+            args = apply_config_file(args, explicit_flags(build_parser(), argv))
+        if args.mode is None:
+            return usage_error(parser, "one of the arguments --train --eval --inference --merge_weights --demo is required "
+                               "(or `mode:` in the --config file)")
         config = build_config(args)  # every rank validates the same flags, so all fail alike before joining
         distributed.init_process_group()
         code = run_mode(config)

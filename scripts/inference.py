@@ -24,8 +24,9 @@ from utils.dataset_utils import ImageItems, as_image_source, list_images, load_i
 from utils.errors import UserInputError
 from utils.io import (
     CaptionPartWriter, caption_parts_dir, read_caption_parts, read_split_names, replace_folder_atomically,
-    write_json_atomic, write_predictions_csv,
+    write_json_atomic, write_predictions_csv, write_text_atomic,
 )
+from utils.model_card import build_model_card
 from utils.progress import progress as progress_bar
 from utils.run_lock import lock_folder, lock_output_file
 from utils.text import tidy_caption
@@ -347,6 +348,14 @@ def compare_models(reference, candidate, processor, images: list) -> dict:
     }
 
 
+def _run_metrics(run_dir: Path) -> dict | None:
+    """RUN/metrics.json for the model card; a run without one (or unreadable) gets a card without metrics."""
+    try:
+        return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def merge_weights(config: Config) -> int:
     """--merge_weights: write RUN/merged_model (plain transformers) and RUN/merge_report.json."""
     run_settings = require_run(config.output_dir)
@@ -372,6 +381,7 @@ def merge_weights(config: Config) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp), safe_serialization=True)
     processor.save_pretrained(str(tmp))
+    write_text_atomic(tmp / "README.md", build_model_card(run_settings, _run_metrics(run_dir), str(run_dir), report))
     replace_folder_atomically(tmp, run_dir / "merged_model")
     write_json_atomic(run_dir / "merge_report.json", report)
     logger.info("Wrote %s and %s", run_dir / "merged_model", run_dir / "merge_report.json")

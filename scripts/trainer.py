@@ -23,6 +23,7 @@ from models.git_qlora import (
     resolve_device, training_autocast, wrapped_lora_layers,
 )
 from models.vision_cache import as_pixel_values, feature_shape, fill_feature_cache, plan_feature_cache, vision_from_cache
+from scripts.early_stopping import CaptionEarlyStopping
 from scripts.report import save_train_history, save_val_predictions, write_training_report
 from utils import distributed
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
@@ -33,11 +34,12 @@ from utils.dataset_utils import (
 from utils.errors import UserInputError
 from utils.evaluation import format_metrics_table
 from utils.feature_store import FeatureStore
-from utils.io import replace_folder_atomically, write_json_atomic
-from utils.run_lock import LOCK_NAME, lock_folder
-from utils.workers import guard_workers
-from utils.io import give_default_permissions, replace_folder_atomically, write_json_atomic, write_split_file
+from utils.io import give_default_permissions, replace_folder_atomically, write_json_atomic, write_split_file, write_text_atomic
+from utils.model_card import build_model_card
 from utils.progress import progress
+from utils.run_lock import LOCK_NAME, lock_folder
+from utils.trackers import TrackerRuns
+from utils.workers import guard_workers
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +273,9 @@ class CaptionTrainer(Trainer):
             extra = {f"eval_{k}": v for k, v in scores.items() if isinstance(v, float)}
             metrics.update(extra)
             self.log(extra)
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, CaptionEarlyStopping):  # it judges once every metric is in
+                callback.judge(self.args, self.state, self.control, metrics)
         return metrics
 
 
@@ -339,7 +344,9 @@ def build_training_args(config: Config, run_dir: Path, has_val: bool, device: st
         greater_is_better=metric != "loss" if has_val else None,
         logging_steps=config.logging_steps,
         logging_first_step=True,
-        report_to="none",  # TensorBoard is added as a callback writing to RUN/logs
+        # The Trainer's own MLflow / W&B integrations; TensorBoard is added as a callback writing to RUN/logs.
+        report_to=[n for n in config.report_to if n in ("mlflow", "wandb")] or "none",
+        run_name=config.run_name,
         remove_unused_columns=False,  # the collator builds GIT's inputs from images and captions
         dataloader_num_workers=config.num_workers,
         use_cpu=device == "cpu",
@@ -368,8 +375,17 @@ def save_final_model(model, processor, run_dir: Path) -> Path:
     processor.save_pretrained(str(tmp))
     # Self-contained, as litgpt's checkpoints are: the folder alone names its base and how to load it.
     shutil.copy2(run_dir / "run_config.json", tmp / "run_config.json")
+    write_model_card(run_dir, tmp)  # replaces PEFT's empty template; written again once the metrics are in
     replace_folder_atomically(tmp, final)
     return final
+
+
+def write_model_card(run_dir: Path, folder: Path | None = None, merge_report: dict | None = None) -> None:
+    """FOLDER/README.md (default RUN/final_model) from run_config.json and metrics.json (when there are metrics yet)."""
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else None
+    card = build_model_card(load_run_config(run_dir), metrics, str(run_dir), merge_report)
+    write_text_atomic((folder or run_dir / "final_model") / "README.md", card)
 
 
 def effective_batch_size(config: Config) -> int:
@@ -483,6 +499,15 @@ def train(config: Config) -> int:
     Under torchrun / accelerate launch every rank runs this; the main process alone writes the run folder's
     files (the Trainer's checkpoints hold one RNG state per rank).
     """
+    trackers = TrackerRuns(config.report_to)  # --report_to mlflow / wandb
+    try:
+        return _train(config, trackers)
+    except BaseException:
+        distributed.on_main_process(trackers.end, failed=True)
+        raise
+
+
+def _train(config: Config, trackers: TrackerRuns) -> int:
     config, run_dir = prepare_run_dir(config)
     if config.resume:  # the folder exists: no other job may write it from here on, before anything loads
         lock_folder(run_dir, "The run folder")
@@ -507,6 +532,8 @@ def train(config: Config) -> int:
         scorer = CaptionScorer(processor, splits, config, bool(config.fgd_model), cache) if splits.val else None
         trainer, timer = build_trainer(config, run_dir, model, processor, splits, scorer, device, cache)
         log_data_shards(trainer, splits.train)
+        # Opened before training, so the Trainer's own integration logs its steps into this run.
+        distributed.on_main_process(trackers.start, config.run_name, run_dir, load_run_config(run_dir))
     with vision_from_cache(model) if cache is not None else contextlib.nullcontext():
         if scorer is not None and not config.resume:
             metrics["before"], before_captions = scorer(model)
@@ -521,6 +548,8 @@ def train(config: Config) -> int:
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=checkpoint)
         metrics.update(training_metrics(result, timer, time.perf_counter() - start, cache_seconds, config, device))
+        if early_stopping_summary(trainer) is not None:
+            metrics["early_stopping"] = early_stopping_summary(trainer)
         final = distributed.on_main_process(save_final_model, trainer.model, processor, run_dir)
         if scorer is not None:
             metrics["val_loss"], metrics["after"], predictions = final_validation(trainer, scorer)
@@ -530,6 +559,8 @@ def train(config: Config) -> int:
         distributed.on_main_process(cache.remove)  # as large as the images' features; --resume encodes them again
     distributed.on_main_process(finish_metrics, run_dir, metrics)
     distributed.on_main_process(write_report_records, run_dir, trainer, splits, scorer, predictions if scorer is not None else None)
+    distributed.on_main_process(write_model_card, run_dir)  # now with the validation metrics
+    distributed.on_main_process(finish_tracking, trackers, run_dir)
     logger.info("Adapter saved to %s", final)
     logger.info("Run folder: %s", run_dir.resolve())
     return 0
@@ -560,6 +591,13 @@ def finish_metrics(run_dir: Path, metrics: dict) -> None:
         logger.info("Validation caption metrics, the base before vs with the adapter after training:\n%s",
                     format_metrics_table(*before_after))
     write_json_atomic(run_dir / "metrics.json", metrics)
+
+
+def finish_tracking(trackers: TrackerRuns, run_dir: Path) -> None:
+    """The final metrics.json (caption metrics before/after, early stopping) and the run's records to the trackers."""
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    trackers.log_final(metrics, [run_dir / "run_config.json", run_dir / "metrics.json", run_dir / "final_model" / "README.md"])
+    trackers.end()
 
 
 def write_report_records(run_dir: Path, trainer, splits: DataSplits, scorer, after_captions) -> None:
@@ -604,14 +642,17 @@ def build_trainer(config, run_dir, model, processor, splits, scorer, device, cac
         config = config.replace(num_workers=0)
     args = build_training_args(config, run_dir, val_data is not None, device, training_autocast(config, device))
     timer = StepTimer()
-    tensorboard = distributed.on_main_process(tensorboard_callback, run_dir)  # one events file, from rank 0
+    tensorboard = None
+    if "tensorboard" in config.report_to:
+        tensorboard = distributed.on_main_process(tensorboard_callback, run_dir)  # one events file, from rank 0
     trainer = CaptionTrainer(
         model=model,
         args=args,
         train_dataset=train_data,
         eval_dataset=val_data,
         data_collator=collator,
-        callbacks=[c for c in (tensorboard, timer, ReadableCheckpoints()) if c is not None],
+        callbacks=[c for c in (tensorboard, timer, ReadableCheckpoints(), early_stopping_callback(config, val_data is not None))
+                   if c is not None],
         caption_scorer=scorer if config.metric_for_best_model != "loss" else None,
     )
     for printing in (PrinterCallback, ProgressCallback):
@@ -619,6 +660,20 @@ def build_trainer(config, run_dir, model, processor, splits, scorer, device, cac
             trainer.add_callback(QuietProgressCallback())
     trainer.add_callback(LogToLogging())
     return trainer, timer
+
+
+def early_stopping_callback(config: Config, has_val: bool) -> CaptionEarlyStopping | None:
+    if not config.early_stopping_patience:
+        return None
+    if not has_val:
+        raise UserInputError("--early_stopping_patience watches the validation metric, but there are no validation "
+                             "images (none could be read or held out); give --test_dir or leave it at 0.")
+    return CaptionEarlyStopping(config.early_stopping_patience, config.early_stopping_threshold)
+
+
+def early_stopping_summary(trainer: Trainer) -> dict | None:
+    callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, CaptionEarlyStopping)), None)
+    return callback.summary() if callback is not None else None
 
 
 def tensorboard_callback(run_dir: Path) -> TensorBoardCallback:

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,10 @@ VISION_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 MERGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "rouge_1", "rouge_2")
 DEFAULT_TARGET_MODULES = ("query", "key", "value", "dense")  # every Linear of GIT's text decoder
+# --report_to: the Trainer's integrations offered here, with the package each needs and how to install it.
+TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "mlflow": ("mlflow", "pip install mlflow"),
+            "wandb": ("wandb", "pip install wandb")}
+TUPLE_FIELDS = ("lora_target_modules", "report_to")  # comma-separated on the command line, lists in a --config file
 # Settings that define the trained model; later modes take them from the run, not the command line.
 # The compute dtype is not among them: it is how the model runs, not what it is (--bnb_4bit_compute_dtype
 # float32 gives any run the exact path).
@@ -60,7 +65,7 @@ class Config:
     bnb_4bit_compute_dtype: str = "auto"
     bnb_4bit_use_double_quant: bool = True
     lora_r: int = 16
-    lora_alpha: int = 32
+    lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     lora_target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     gradient_checkpointing: bool = False
@@ -83,6 +88,9 @@ class Config:
     num_workers: int = 2
     resume: bool = False
     cache_image_features: str = "auto"
+    report_to: tuple[str, ...] = ("tensorboard",)
+    early_stopping_patience: int = 0  # validations without improvement before stopping; 0: never stop early
+    early_stopping_threshold: float = 0.0
     # generation, evaluation, merging
     max_new_tokens: int | None = None  # None: --max_length, so captions can be as long as training allows
     num_beams: int = 1
@@ -247,6 +255,34 @@ def _check_outputs(config: Config, problems: list[str]) -> None:
             problems.append(f"{flag} {path}: cannot write there: {reason}. Give a {kind} you can write to.")
 
 
+def _check_training_extras(config: Config, problems: list[str]) -> None:
+    """--report_to (its optional packages checked now, before anything loads) and --early_stopping_patience."""
+    import importlib.util
+
+    unknown = [name for name in config.report_to if name not in TRACKERS and name != "none"]
+    if unknown:
+        problems.append(f"--report_to takes {', '.join(TRACKERS)} or none (comma-separated); got {','.join(unknown)}.")
+    elif "none" in config.report_to and len(config.report_to) > 1:
+        problems.append(f"--report_to none means no tracker; it cannot be combined ({','.join(config.report_to)}).")
+    if config.mode == "train":
+        for name in config.report_to:
+            package, install = TRACKERS.get(name, (None, None))
+            if package is not None and importlib.util.find_spec(package) is None:
+                problems.append(f"--report_to {name} needs the {package} package, which is not installed: run `{install}` "
+                                "(or pip install -r requirements-extras.txt), or leave it out of --report_to.")
+    local_store = not os.environ.get("MLFLOW_TRACKING_URI")
+    if config.mode == "train" and "mlflow" in config.report_to and local_store and importlib.util.find_spec("mlflow") \
+            and importlib.util.find_spec("sqlalchemy") is None:
+        problems.append("--report_to mlflow: the installed mlflow-skinny cannot keep runs in MLflow's default local store "
+                        "(sqlite); run `pip install mlflow`, or set MLFLOW_TRACKING_URI to your tracking server.")
+    _check_range(problems, "--early_stopping_patience", config.early_stopping_patience, 0)
+    _check_range(problems, "--early_stopping_threshold", config.early_stopping_threshold, 0.0)
+    no_validation = config.test_dir is None and config.split_ratio == 0 and config.dataset is None
+    if config.early_stopping_patience and config.mode == "train" and no_validation:
+        problems.append("--early_stopping_patience watches the validation metric, but --split_ratio 0 and no --test_dir "
+                        "leave no validation images; give --test_dir or a --split_ratio above 0, or leave it at 0.")
+
+
 def validate(config: Config) -> Config:
     """Raise one UserInputError that lists every problem found, each naming its flag."""
     problems: list[str] = []
@@ -256,6 +292,7 @@ def validate(config: Config) -> Config:
     _check_numbers(config, problems)
     _check_choices(config, problems)
     _check_outputs(config, problems)
+    _check_training_extras(config, problems)
     if problems:
         raise UserInputError("Invalid settings:\n  - " + "\n  - ".join(problems))
     return config
