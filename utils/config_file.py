@@ -22,7 +22,7 @@ MODE_DEPENDENT = ("output_dir",)
 RECORDED_RUN_KEYS = (
     "base_model", "device", "precision", "compute_dtype", "training_autocast", "world_size", "effective_batch_size",
     "library_versions", "created", "num_train_examples", "num_val_examples", "truncated_train_captions", "val_dir",
-    "val_images", "resumes",
+    "val_images", "splits", "resumes",
 )
 # A run record names its own run: rerunning from it starts a new run, never continues or overwrites the old one.
 NOT_RERUN = ("run_name", "resume")
