@@ -222,7 +222,7 @@ def _score(config, inputs: EvalInputs, embedder, clip_note) -> dict:
         metrics = {**{key: None for key in METRIC_KEYS}, "num_images": len(inputs.predictions), "num_references": 0,
                    "fgd_note": None, "references_note": NO_REFERENCES_NOTE}
     clip, per_image = _clip_metrics(config, inputs, embedder, clip_note)
-    training = load_training_captions(Path(config.output_dir))
+    training = load_training_captions(Path(config.output_dir))  # logs what it reads, like --train did
     results = {**metrics, **clip, **_statistics(inputs.predictions, *training)}
     results.update(_base_comparison(config, inputs, embedder, clip_note, training))
     return {**results, "per_image": per_image}
@@ -231,17 +231,21 @@ def _score(config, inputs: EvalInputs, embedder, clip_note) -> dict:
 def _print_results(results: dict) -> None:
     print(format_metrics_table({k: v for k, v in results.items() if k != "clip_images"}))
     base = results.get("base_model")
-    print(format_caption_stats(base["caption_stats"], results["caption_stats"]) if base
-          else format_caption_stats(results["caption_stats"]))
+    print(format_caption_stats(base["caption_stats"], results["caption_stats"], ("base model", "this evaluation"))
+          if base else format_caption_stats(results["caption_stats"]))
     if base:
-        print(f"base model on the same images: CLIP-S {base['clip_score']}, this evaluation {results['clip_score']}")
+        def number(value):
+            return "n/a" if value is None else f"{value:.4f}"
+
+        print(f"base model on the same images: CLIP-S {number(base['clip_score'])} (this evaluation "
+              f"{number(results['clip_score'])}), RefCLIP-S {number(base['ref_clip_score'])} "
+              f"({number(results['ref_clip_score'])})")
     for key in ("references_note", "clip_note", "base_model_note"):
         if results.get(key):
             print(f"note: {results[key]}")
     for label, warning in (("", results["collapse_warning"]), ("base model: ", (base or {}).get("collapse_warning"))):
         if warning:
             logger.warning("%s%s", label, warning)
-            print(f"warning: {label}{warning}")
 
 
 def _score_and_write(config, inputs: EvalInputs, embedder, clip_note) -> int:

@@ -116,7 +116,7 @@ def test_eval_without_references_reads_each_image_once(tiny_model_dir, tiny_clip
     assert 'value="clip-asc"' in page and "data-clip=" in page and 'value="cider-asc"' not in page
 
 
-def test_one_sentence_for_every_image_is_warned(tiny_clip_dir, data_dir, tmp_path, capsys):
+def test_one_sentence_for_every_image_is_warned(tiny_clip_dir, data_dir, tmp_path, caplog):
     names = sorted(p.name for p in (data_dir / "test").glob("*.png"))
     preds = tmp_path / "same.csv"
     preds.write_text("image_name,caption\n" + "".join(f"test/{n},a red circle on the left\n" for n in names))
@@ -129,7 +129,7 @@ def test_one_sentence_for_every_image_is_warned(tiny_clip_dir, data_dir, tmp_pat
     assert "a red circle on the left" in results["collapse_warning"]
     assert results["caption_stats"]["num_distinct_captions"] == 1
     assert results["ref_clip_score"] is not None and results["clip_images"] == len(names)  # images from --test_dir
-    assert "warning: Possible mode collapse" in capsys.readouterr().out
+    assert "Possible mode collapse: 'a red circle on the left'" in caplog.text
     assert "Possible mode collapse" in (out / "report.html").read_text(encoding="utf-8")
 
 
@@ -167,3 +167,9 @@ def test_run_eval_compares_with_the_base_captions(trained_run, tiny_clip_dir, da
     assert {"before", "after"} <= training.keys() and training["after"]["caption_stats"]["num_captions"] == 8
     page = (run / "report.html").read_text(encoding="utf-8")
     assert "caption diversity" in page and "CLIP-S" in page
+
+
+def test_captions_file_none_is_for_eval_only(data_dir, tiny_model_dir, capsys):
+    assert main(["--train", "--train_dir", str(data_dir / "train"), "--captions_file", "none",
+                 "--model_name", str(tiny_model_dir)]) == 2
+    assert "--captions_file none (no references) only applies to --eval" in capsys.readouterr().err

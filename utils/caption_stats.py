@@ -65,15 +65,15 @@ def collapse_warning(stats: dict, share: float = COLLAPSE_SHARE) -> str | None:
             "A model that says one sentence for everything can still score a plausible BLEU on similar images.")
 
 
-def format_caption_stats(stats: dict, other: dict | None = None) -> str:
-    """Aligned text table of the statistics; with `other`, columns before (stats) / after (other)."""
+def format_caption_stats(stats: dict, other: dict | None = None, labels: tuple[str, str] = ("before", "after")) -> str:
+    """Aligned text table of the statistics; with `other`, two columns named by labels (stats, then other)."""
     def cell(value) -> str:
         if value is None:
             return "n/a"
         return str(value) if isinstance(value, int) else f"{value:.4f}"
 
     columns = [stats] if other is None else [stats, other]
-    rows = [("caption statistic", *(("value",) if other is None else ("before", "after")))]
+    rows = [("caption statistic", *(("value",) if other is None else labels))]
     rows += [(key, *(cell(c.get(key)) for c in columns)) for key in STAT_KEYS
              if any(c.get(key) is not None for c in columns)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"  # the paper's ViT-B/32
 PREFIX = "A photo depicts "  # the reference code's prompt, on candidates and references alike
-WEIGHT = 2.5  # w in CLIP-S = w * max(cos, 0): stretches ViT-B/32's usual cosines (~0.2-0.4) towards [0, 1]
+WEIGHT = 2.5  # w in CLIP-S = w * max(cos, 0), the paper's rescaling of ViT-B/32's small image-text cosines
 TEXT_BATCH = 256  # the reference code's caption batch
 IMAGE_BATCH = 64  # and its image batch (only used when scoring without captioning, see embed_image_source)
 
