@@ -104,6 +104,8 @@ def _caption_run_images(config, embedder) -> EvalInputs:
     info = {"model": description, **where, "skipped_images": result.skipped,
             "images_per_second": result.images_per_second, "max_new_tokens": config.generation_tokens,
             "num_beams": config.num_beams}
+    if embedder is not None:  # part of the captioning time above (the same pass); this rank's share
+        info["clip_image_seconds"] = embedder.seconds
     embeddings = {listed[name]: row for name, row in result.image_embeddings.items()}
     return EvalInputs(predictions, references, info, source, {listed[n]: n for n in result.captions}, embeddings)
 

@@ -413,7 +413,7 @@ def render_metrics_table(heading: str, columns: list[tuple[str, dict]]) -> str:
             f'<tbody>{"".join(body)}</tbody></table>{notes}</div>')
 
 
-def render_row(row: GalleryRow, roots: list[Path]) -> str:
+def render_row(row: GalleryRow, roots: list[Path], clip_column: bool = False) -> str:
     esc = html.escape
     uri, why = thumbnail_data_uri(find_image(row.name, roots))
     image = (f'<img class="thumb" src="{uri}" alt="{esc(row.name)}" loading="lazy">' if uri
@@ -424,7 +424,7 @@ def render_row(row: GalleryRow, roots: list[Path]) -> str:
         base = f'<div class="base">base model: {esc(row.base)}{score}</div>'
     gain = row.cider - row.base_cider if row.base_cider is not None and row.cider is not None else 0.0
     refs = "".join(f"<li>{esc(ref)}</li>" for ref in row.references)
-    numbers = {"cider": row.cider, "bleu4": row.bleu_4, "clip": row.clip_score}
+    numbers = {"cider": row.cider, "bleu4": row.bleu_4, **({"clip": row.clip_score} if clip_column else {})}
     data = "".join(f' data-{key}="{value:.6g}"' for key, value in numbers.items() if value is not None)
     cells = "".join(f'<td class="num">{"n/a" if value is None else f"{value:.3f}"}</td>' for value in numbers.values())
     return (f'<tr class="row" data-name="{esc(row.name)}"{data} '
@@ -439,12 +439,13 @@ def render_gallery(data: ReportData, roots: list[Path]) -> str:
                ("bleu4-asc", "BLEU-4, worst first"), ("bleu4-desc", "BLEU-4, best first"), ("name-asc", "file name")]
     if has_base:
         options.insert(2, ("gain-asc", "CIDEr-D change vs base, most worse first"))
-    if any(row.clip_score is not None for row in data.rows):
+    clip_column = any(row.clip_score is not None for row in data.rows)
+    if clip_column:
         options[-1:-1] = [("clip-asc", "CLIP-S, worst first"), ("clip-desc", "CLIP-S, best first")]
     if all(row.cider is None for row in data.rows):  # no references: CIDEr-D and BLEU-4 sorts mean nothing
         options = [o for o in options if not o[0].startswith(("cider", "bleu4", "gain"))]
     select = "".join(f'<option value="{value}">{label}</option>' for value, label in options)
-    rows = "".join(render_row(row, roots) for row in data.rows)
+    rows = "".join(render_row(row, roots, clip_column) for row in data.rows)
     shown, ranked_by = len(data.rows), "CIDEr-D" if any(row.cider is not None for row in data.rows) else "CLIP-S"
     return (f'<h2>Gallery</h2><p class="sub" id="gallery-count">Showing {shown} of {data.num_scored} scored images'
             + (f" (the {GALLERY_WORST} worst and {GALLERY_BEST} best by {ranked_by}, and {GALLERY_RANDOM} at random)"
@@ -456,7 +457,7 @@ def render_gallery(data: ReportData, roots: list[Path]) -> str:
             f'<label>Search <input id="query" type="search" placeholder="caption, reference or file name"></label> '
             f'<span class="note"><span id="visible-count">{shown}</span> rows shown</span></div>'
             f'<table class="gallery"><thead><tr><th>image</th><th>caption</th><th>references</th><th>CIDEr-D</th>'
-            f'<th>BLEU-4</th><th>CLIP-S</th></tr></thead><tbody id="gallery-body">{rows}</tbody></table>')
+            f'<th>BLEU-4</th>{"<th>CLIP-S</th>" if clip_column else ""}</tr></thead><tbody id="gallery-body">{rows}</tbody></table>')
 
 
 def render_report(data: ReportData, roots: list[Path]) -> str:

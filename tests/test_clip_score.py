@@ -173,3 +173,20 @@ def test_captions_file_none_is_for_eval_only(data_dir, tiny_model_dir, capsys):
     assert main(["--train", "--train_dir", str(data_dir / "train"), "--captions_file", "none",
                  "--model_name", str(tiny_model_dir)]) == 2
     assert "--captions_file none (no references) only applies to --eval" in capsys.readouterr().err
+
+
+def test_an_unreadable_image_is_named_not_fatal(tiny_clip_dir, tmp_path, caplog):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, image in enumerate(_images(2)):
+        image.save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    preds = tmp_path / "p.csv"
+    preds.write_text("image_name,caption\n0.png,a dog\n1.png,a cat\nbroken.png,a bird\n")
+    out = tmp_path / "out"
+    assert main(["--eval", "--predictions_file", str(preds), "--captions_file", "none", "--test_dir", str(folder),
+                 "--clip_model", str(tiny_clip_dir), "--output_dir", str(out), "--fgd_model", "none",
+                 "--num_workers", "0"]) == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["clip_images"] == 2 and "CLIP-S of 2 of the 3 captioned images" in results["clip_note"]
+    assert results["caption_stats"]["num_captions"] == 3 and "broken.png" in caplog.text
