@@ -190,3 +190,23 @@ def test_an_unreadable_image_is_named_not_fatal(tiny_clip_dir, tmp_path, caplog)
     results = json.loads((out / "eval_results.json").read_text())
     assert results["clip_images"] == 2 and "CLIP-S of 2 of the 3 captioned images" in results["clip_note"]
     assert results["caption_stats"]["num_captions"] == 3 and "broken.png" in caplog.text
+
+
+def test_predictions_file_with_a_dataset_takes_its_images_and_captions(tiny_clip_dir, data_dir, tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    datasets.config.HF_DATASETS_CACHE = tmp_path / "hf_cache"
+    names = sorted(p.name for p in (data_dir / "test").glob("*.png"))
+    pq.write_table(pa.table({"file_name": names, "jpg": [(data_dir / "test" / n).read_bytes() for n in names],
+                             "caption": [f"picture {n}" for n in names]}), tmp_path / "set.parquet")
+    preds = tmp_path / "p.csv"
+    preds.write_text("image_name,caption\n" + "".join(f"{n},a shape\n" for n in names[:5]))
+    out = tmp_path / "out"
+    assert main(["--eval", "--predictions_file", str(preds), "--dataset", str(tmp_path / "set.parquet"),
+                 "--eval_split", "train", "--id_column", "file_name", "--clip_model", str(tiny_clip_dir),
+                 "--output_dir", str(out), "--fgd_model", "none"]) == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["num_images"] == 5 and results["clip_images"] == 5
+    assert results["ref_clip_score"] is not None and len(results["per_image"]["ref_clip_score"]) == 5
