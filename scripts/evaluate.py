@@ -209,8 +209,9 @@ def _base_comparison(config, inputs: EvalInputs, embedder, clip_note, training) 
         return {"base_model": None, "base_model_note": (
             f"The run has no base-model captions of these images ({VAL_PREDICTIONS_NAME} holds {len(before)} validation "
             f"images of training, {len(base)} of the {len(inputs.predictions)} evaluated here).")}
-    clip, _ = _clip_metrics(config, inputs, embedder, clip_note, base)
-    return {"base_model": {**clip, **_statistics(base, *training), "num_images": len(base)}, "base_model_note": None}
+    clip, per_image = _clip_metrics(config, inputs, embedder, clip_note, base)
+    base_model = {**clip, **_statistics(base, *training), "num_images": len(base), "per_image": per_image}
+    return {"base_model": base_model, "base_model_note": None}
 
 
 def _score(config, inputs: EvalInputs, embedder, clip_note) -> dict:

@@ -132,6 +132,7 @@ class GalleryRow:
     base: str | None = None  # the base model's caption, when the run has it
     base_cider: float | None = None
     clip_score: float | None = None  # CLIP-S (utils/clip_score.py), when computed
+    base_clip_score: float | None = None
 
 
 @dataclass
@@ -420,7 +421,9 @@ def render_row(row: GalleryRow, roots: list[Path], clip_column: bool = False) ->
              else f'<div class="missing" title="{esc(why)}">no image</div>')
     base = ""
     if row.base is not None:
-        score = f" (CIDEr-D {row.base_cider:.3f})" if row.base_cider is not None else ""
+        scores = [f"{label} {value:.3f}" for label, value in (("CIDEr-D", row.base_cider), ("CLIP-S", row.base_clip_score))
+                  if value is not None]
+        score = f" ({', '.join(scores)})" if scores else ""
         base = f'<div class="base">base model: {esc(row.base)}{score}</div>'
     gain = row.cider - row.base_cider if row.base_cider is not None and row.cider is not None else 0.0
     refs = "".join(f"<li>{esc(ref)}</li>" for ref in row.references)
@@ -525,6 +528,9 @@ def build_eval_report(run_dir: Path, predictions: dict[str, str], references: di
     label = "this evaluation"
     if metrics.get("base_model"):  # CLIP-S and statistics of the base model's captions, scored by --eval
         base_metrics = {**(base_metrics or {}), **metrics["base_model"]}
+        base_clip = (metrics["base_model"].get("per_image") or {}).get("clip_score") or {}
+        for row in rows:
+            row.base_clip_score = base_clip.get(row.name)
     columns = [("base model", {**base_metrics, "fgd": None}), (label, metrics)] if base_metrics else [(label, metrics)]
     training = read_json(run_dir / "metrics.json")
     tables = [("Evaluated images", columns)] + _stats_table("Evaluated images: caption diversity", columns)

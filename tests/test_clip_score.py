@@ -167,6 +167,8 @@ def test_run_eval_compares_with_the_base_captions(trained_run, tiny_clip_dir, da
     assert {"before", "after"} <= training.keys() and training["after"]["caption_stats"]["num_captions"] == 8
     page = (run / "report.html").read_text(encoding="utf-8")
     assert "caption diversity" in page and "CLIP-S" in page
+    assert page.count('<div class="base">base model: ') == 8 and "(CLIP-S " in page  # each row's base caption
+    assert len(base["per_image"]["clip_score"]) == 8  # for a paired comparison of the two
 
 
 def test_captions_file_none_is_for_eval_only(data_dir, tiny_model_dir, capsys):
