@@ -112,6 +112,7 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--merge_base", help="dequantized (the 4-bit weights the adapter was trained on) or original (full precision)")
     g.add_argument("--merge_dtype", help="auto (float32 on the CPU, the training dtype on a GPU), float32, float16, bfloat16")
     g.add_argument("--demo_scale", type=float, help="shrink the demo (0..1] for a quick check")
+    g.add_argument("--clip_model", help="CLIP model for CLIPScore / RefCLIPScore in --eval (hub id or folder); 'none' skips it")
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -150,6 +151,10 @@ def build_config(args: argparse.Namespace) -> Config:
             values[name] = tuple(n.strip() for n in values[name].split(",") if n.strip())
     if values["fgd_model"] is not None and values["fgd_model"].lower() in ("none", ""):
         values["fgd_model"] = None
+    if values["clip_model"] is not None and values["clip_model"].lower() in ("none", ""):
+        values["clip_model"] = None
+    if values["captions_file"] is not None and str(values["captions_file"]).lower() == "none":
+        values["captions_file"], values["reference_free"] = None, True  # score without references (--eval)
     if values["output_dir"] is None:
         values["output_dir"] = Path("results/demo") if args.mode == "demo" else Path("results")
     if values["model_name"] is None and args.mode == "train":

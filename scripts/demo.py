@@ -104,6 +104,14 @@ def demo_fgd_model(config: Config) -> str | None:
     return None
 
 
+def demo_clip_model(config: Config) -> str | None:
+    """The CLIP model for CLIP-S: like the FGD encoder, only a local folder is used in the offline demo."""
+    if config.clip_model is None or config.model_name is not None or Path(config.clip_model).is_dir():
+        return config.clip_model
+    logger.info("CLIP-S is skipped in the offline demo: %s is not a local folder (give --clip_model DIR to include it).", config.clip_model)
+    return None
+
+
 def build_base_model(folder: Path, plan: DemoPlan, seed: int) -> dict:
     """A small GIT with a tokenizer over the demo's words, pretrained on base-style captions of fresh pictures."""
     size = SmallGitSize(image_size=plan.image_size)
@@ -126,7 +134,7 @@ def log_hub_model_choice(model_name: str) -> None:
 def mode_config(config: Config, **values) -> Config:
     """A Config for one real mode, as the command line would build it, carrying the demo's shared settings."""
     # Worker processes cost more to start than decoding a few hundred 64 px PNGs takes.
-    shared = {"seed": config.seed, "fgd_model": config.fgd_model, "num_workers": 0,
+    shared = {"seed": config.seed, "fgd_model": config.fgd_model, "clip_model": config.clip_model, "num_workers": 0,
               "bnb_4bit_compute_dtype": config.bnb_4bit_compute_dtype}
     return validate(Config(**{**shared, **values}))
 
@@ -271,7 +279,7 @@ def run_demo(config: Config, plan: DemoPlan | None = None) -> int:
     from utils.io import write_json_atomic
 
     plan = (plan or DemoPlan()).scaled(config.demo_scale)
-    config = config.replace(fgd_model=demo_fgd_model(config))
+    config = config.replace(fgd_model=demo_fgd_model(config), clip_model=demo_clip_model(config))
     out, timer = Path(config.output_dir), StageTimer()
     logger.info("Demo in %s (scale %g, seed %d): %s", out.resolve(), config.demo_scale, config.seed, json.dumps(asdict(plan)))
     prepare_demo_dir(out)

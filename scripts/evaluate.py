@@ -1,21 +1,43 @@
 """--eval: caption --test_dir with a run or base model (or read --predictions_file), score it, write the results.
 
 Under torchrun / accelerate launch the images are split over the processes; the main process scores and writes.
+With --clip_model, CLIP embeds each image in the same decode pass as captioning (CLIP-S, RefCLIP-S); with
+--captions_file none (or a dataset split without captions) only what needs no references is reported.
 """
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.git_qlora import resolve_device
 from scripts.inference import caption_across_ranks, load_caption_model
-from scripts.report import write_eval_report
+from scripts.report import VAL_PREDICTIONS_NAME, read_val_predictions, write_eval_report
 from utils import distributed
-from utils.dataset_utils import Example, collect_examples, read_captions_file
-from utils.evaluation import align_names, format_metrics_table, score_captions
-from utils.io import read_predictions_file, write_json_atomic, write_predictions_csv
+from utils.caption_stats import caption_statistics, collapse_warning, format_caption_stats
+from utils.clip_score import compute_clip_scores, embed_image_source, try_load_clip
+from utils.dataset_utils import collect_examples, list_images, read_captions_file, read_folder_metadata, warn_names
+from utils.errors import UserInputError
+from utils.evaluation import METRIC_KEYS, align_names, format_metrics_table, score_captions
+from utils.io import read_predictions_file, read_split_names, write_json_atomic, write_predictions_csv
 from utils.run_lock import lock_folder
 
 logger = logging.getLogger(__name__)
+
+NO_REFERENCES_NOTE = ("No reference captions (--captions_file none, or a --dataset split without captions): BLEU, "
+                      "ROUGE, CIDEr-D and FGD need references and are not computed; CLIP-S and the caption "
+                      "statistics need none.")
+
+
+@dataclass
+class EvalInputs:
+    """What --eval scores: captions, their references ({} without), and the images for CLIP-S."""
+
+    predictions: dict[str, str]
+    references: dict[str, list[str]]
+    info: dict
+    images: object = None  # an image folder or source, for the report's thumbnails and CLIP-S
+    image_names: dict[str, str] = field(default_factory=dict)  # prediction name -> name in `images`
+    image_embeddings: dict = field(default_factory=dict)  # prediction name -> CLIP embedding, when captioned here
 
 
 def _names_as_listed(names: list[str], captions_file: Path | None, folder: Path) -> dict[str, str]:
@@ -26,41 +48,86 @@ def _names_as_listed(names: list[str], captions_file: Path | None, folder: Path)
     return {name: prefixed[name] if name not in listed and prefixed[name] in listed else name for name in names}
 
 
-def _images_and_references(config) -> tuple[object, list[Example], str]:
-    """(image folder or source, examples, what they are): --test_dir + --captions_file, or --dataset's --eval_split."""
-    if config.dataset is not None:
-        from utils.hf_datasets import DatasetSpec, load_eval_split
-
-        split = load_eval_split(DatasetSpec.from_config(config))
-        return split.images, split.examples, str(split.images)
-    examples = collect_examples(Path(config.test_dir), config.captions_file, "--test_dir", config.allow_partial_captions)
-    return Path(config.test_dir), examples, str(config.test_dir)
-
-
-def _caption_run_images(config) -> tuple[dict[str, str], dict[str, list[str]], dict, object]:
-    """Caption --test_dir or --dataset with the run's (or --model_name's) model; references from the captions."""
-    source, examples, label = _images_and_references(config)
+def _references_of(examples) -> dict[str, list[str]]:
     references: dict[str, list[str]] = {}
     for example in examples:
         references.setdefault(example.image_name, []).append(example.caption)
+    return references
+
+
+def _dataset_images(config) -> tuple[object, list[str], dict[str, list[str]]]:
+    """--dataset's --eval_split: (images, names to score, references); a split without captions has no references."""
+    from utils.hf_datasets import DatasetSpec, load_eval_split
+
+    split = load_eval_split(DatasetSpec.from_config(config), need_captions=False)
+    references = {} if config.reference_free else _references_of(split.examples)
+    if not references:
+        if not config.reference_free:
+            logger.warning("%s has no captions: scoring without references (CLIP-S and caption statistics).", split.images)
+        return split.images, split.images.names(), {}
+    warn_names(f"Skipped rows of {split.images} without a caption", [n for n in split.images.names() if n not in references])
+    return split.images, sorted(references), references
+
+
+def _images_and_references(config) -> tuple[object, list[str], dict[str, list[str]], str]:
+    """(image folder or source, names to caption, references, what they are) of --test_dir or --dataset."""
+    if config.dataset is not None:
+        images, names, references = _dataset_images(config)
+        return images, names, references, str(images)
+    folder = Path(config.test_dir)
+    if config.reference_free:
+        return folder, list_images(folder, "--test_dir"), {}, str(folder)
+    if config.captions_file is None and read_folder_metadata(folder) is None:
+        logger.warning("--test_dir %s has no captions file: its file names are the references. Pass --captions_file "
+                       "none to score without references (CLIP-S and caption statistics) instead.", folder)
+    references = _references_of(collect_examples(folder, config.captions_file, "--test_dir", config.allow_partial_captions))
+    return folder, sorted(references), references, str(folder)
+
+
+def _caption_run_images(config, embedder) -> EvalInputs:
+    """Caption --test_dir or --dataset with the run's (or --model_name's) model; CLIP embeds the same decoded images."""
+    source, names, references, label = _images_and_references(config)
     model, processor, config, description = load_caption_model(config)
-    logger.info("Evaluating %s on %d images of %s", description, len(references), label)
+    logger.info("Evaluating %s on %d images of %s%s", description, len(names), label,
+                "" if references else " (no references)")
     result = caption_across_ranks(
-        model, processor, source, sorted(references), config.batch_size, config.generation_tokens,
-        config.num_beams, config.num_workers,
+        model, processor, source, names, config.batch_size, config.generation_tokens, config.num_beams,
+        config.num_workers, embed_images=embedder.embed_images if embedder is not None else None,
     )
-    if config.dataset is None:
-        listed = _names_as_listed(list(references), config.captions_file, Path(config.test_dir))
-        predictions = {listed[name]: caption for name, caption in result.captions.items()}
-        references = {listed[name]: refs for name, refs in references.items()}
-    else:
-        predictions = dict(result.captions)
-    distributed.on_main_process(write_predictions_csv, Path(config.output_dir) / "eval_predictions.csv", predictions, references)
+    listed = {name: name for name in names}
+    if config.dataset is None and references:
+        listed = _names_as_listed(names, config.captions_file, Path(config.test_dir))
+    predictions = {listed[name]: caption for name, caption in result.captions.items()}
+    references = {listed[name]: refs for name, refs in references.items()}
+    distributed.on_main_process(write_predictions_csv, Path(config.output_dir) / "eval_predictions.csv", predictions,
+                                references or None)
     where = {"dataset": config.dataset} if config.dataset is not None else {"test_dir": str(config.test_dir)}
     info = {"model": description, **where, "skipped_images": result.skipped,
             "images_per_second": result.images_per_second, "max_new_tokens": config.generation_tokens,
             "num_beams": config.num_beams}
-    return predictions, references, info, source
+    if embedder is not None:  # part of the captioning time above (the same pass); this rank's share
+        info["clip_image_seconds"] = embedder.seconds
+    embeddings = {listed[name]: row for name, row in result.image_embeddings.items()}
+    return EvalInputs(predictions, references, info, source, {listed[n]: n for n in result.captions}, embeddings)
+
+
+def _read_predictions(config) -> EvalInputs:
+    """--predictions_file, its references (--captions_file, or the --dataset split's captions), and the images of
+    --test_dir or --dataset for CLIP-S."""
+    predictions = read_predictions_file(config.predictions_file, config.allow_partial_captions)
+    info = {"predictions_file": str(config.predictions_file)}
+    images, image_names, references = None, [], {}
+    if config.dataset is not None:
+        images, image_names, references = _dataset_images(config)
+    elif config.test_dir is not None:
+        images, image_names = Path(config.test_dir), list_images(Path(config.test_dir), "--test_dir")
+    if config.captions_file is not None and not config.reference_free:
+        references = read_captions_file(config.captions_file, config.allow_partial_captions)
+    if references:
+        predictions = align_names(predictions, references)
+    # Prediction names may carry the folder ("test/a.jpg") where --test_dir's images are "a.jpg": match by suffix.
+    matched = align_names({name: name for name in image_names}, {name: [] for name in predictions})
+    return EvalInputs(predictions, references, info, images, {p: i for p, i in matched.items() if p in predictions})
 
 
 def run_evaluation(config) -> int:
@@ -68,20 +135,133 @@ def run_evaluation(config) -> int:
     distributed.on_main_process(Path(config.output_dir).mkdir, parents=True, exist_ok=True)
     lock_folder(config.output_dir, "--output_dir")  # eval_results.json and eval_predictions.csv go there
     if config.predictions_file is not None:
-        references = read_captions_file(config.captions_file, config.allow_partial_captions)
-        predictions = align_names(read_predictions_file(config.predictions_file, config.allow_partial_captions), references)
-        info, images = {"predictions_file": str(config.predictions_file)}, None
+        inputs = _read_predictions(config)
+        return distributed.on_main_process(_score_and_write, config, inputs, None, None) or 0
+    embedder, clip_note = try_load_clip(config.clip_model, resolve_device())  # every rank embeds its share
+    inputs = _caption_run_images(config, embedder)
+    return distributed.on_main_process(_score_and_write, config, inputs, embedder, clip_note) or 0
+
+
+# ---------------------------------------------------------------------------
+# Scoring (main process)
+# ---------------------------------------------------------------------------
+
+
+def _clip_embeddings(config, inputs: EvalInputs, embedder) -> dict:
+    """Image embeddings for CLIP-S: the captioning pass's, else one decode pass over --test_dir / --dataset."""
+    if inputs.image_embeddings or inputs.images is None or not inputs.image_names:
+        return inputs.image_embeddings
+    by_image, skipped = embed_image_source(embedder, inputs.images, sorted(set(inputs.image_names.values())),
+                                           num_workers=config.num_workers)
+    warn_names("CLIP-S: images that could not be read, not scored", sorted(skipped))
+    return {pred: by_image[img] for pred, img in inputs.image_names.items() if img in by_image}
+
+
+def _clip_metrics(config, inputs: EvalInputs, embedder, clip_note, predictions=None) -> tuple[dict, dict]:
+    """({"clip_score", "ref_clip_score", "clip_images", "clip_note"}, per-image scores) of predictions (default:
+    inputs.predictions); every key present, None with a note when there is no CLIP-S."""
+    if embedder is None and clip_note is None:
+        embedder, clip_note = try_load_clip(config.clip_model, resolve_device())
+    if embedder is not None and inputs.images is None and not inputs.image_embeddings:
+        clip_note = "CLIP-S not computed: it needs the images; give --test_dir or --dataset with --predictions_file."
+    if clip_note is not None:
+        return {"clip_score": None, "ref_clip_score": None, "clip_images": 0, "clip_note": clip_note}, {}
+    inputs.image_embeddings = _clip_embeddings(config, inputs, embedder)
+    return compute_clip_scores(embedder, inputs.image_embeddings, predictions or inputs.predictions, inputs.references)
+
+
+def load_training_captions(run_dir: Path) -> tuple[list[str] | None, str | None]:
+    """(captions the run trained on, None), or (None, why not): for copied_from_training. Not a run: (None, None)."""
+    from utils.config import load_run_config
+
+    if not (Path(run_dir) / "run_config.json").is_file():
+        return None, None
+    settings = load_run_config(run_dir)
+    try:
+        if settings.get("dataset"):
+            if settings.get("streaming"):
+                return None, "the run streamed its training data, which is not read again to compare captions"
+            from utils.hf_datasets import DatasetSpec, load_train_and_eval
+
+            train, _ = load_train_and_eval(DatasetSpec.from_run_settings(settings), hold_out=not settings.get("test_dir"))
+            return [example.caption for example in train.examples], None
+        examples = collect_examples(Path(settings["train_dir"]), settings.get("captions_file"), "--train_dir", allow_partial=True)
+        held_out = set(read_split_names(run_dir, settings, "validation")) if settings.get("val_dir") == settings.get("train_dir") else set()
+        return [example.caption for example in examples if example.image_name not in held_out], None
+    except (UserInputError, OSError, KeyError, TypeError, ValueError) as error:
+        return None, f"the run's training captions could not be read again ({str(error).splitlines()[0]})"
+
+
+def _statistics(predictions: dict[str, str], training_captions, training_note) -> dict:
+    stats = caption_statistics(predictions.values(), training_captions)
+    if training_note:
+        stats["copied_note"] = f"copied_from_training not computed: {training_note}."
+    return {"caption_stats": stats, "collapse_warning": collapse_warning(stats)}
+
+
+def _base_comparison(config, inputs: EvalInputs, embedder, clip_note, training) -> dict:
+    """The base model's captions of the same images (RUN/val_predictions.csv, 'before'), scored alike, when the run
+    holds them for every evaluated image; else a note saying there are none."""
+    run_dir = Path(config.output_dir)
+    if not (run_dir / "run_config.json").is_file():
+        return {"base_model": None, "base_model_note": "Not a training run: no base-model captions to compare with."}
+    before = {name: r["before"] for name, r in read_val_predictions(run_dir / VAL_PREDICTIONS_NAME).items() if r["before"]}
+    base = align_names(before, {name: [] for name in inputs.predictions})
+    base = {name: caption for name, caption in base.items() if name in inputs.predictions}
+    if not inputs.predictions or set(base) != set(inputs.predictions):
+        return {"base_model": None, "base_model_note": (
+            f"The run has no base-model captions of these images ({VAL_PREDICTIONS_NAME} holds {len(before)} validation "
+            f"images of training, {len(base)} of the {len(inputs.predictions)} evaluated here).")}
+    clip, per_image = _clip_metrics(config, inputs, embedder, clip_note, base)
+    base_model = {**clip, **_statistics(base, *training), "num_images": len(base), "per_image": per_image}
+    return {"base_model": base_model, "base_model_note": None}
+
+
+def _score(config, inputs: EvalInputs, embedder, clip_note) -> dict:
+    """Every number of eval_results.json: metrics (n-gram ones null without references), CLIP-S, statistics, base."""
+    if inputs.references:
+        metrics = score_captions(inputs.predictions, inputs.references, config.fgd_model, resolve_device())
+        metrics["references_note"] = None
     else:
-        predictions, references, info, images = _caption_run_images(config)
-    return distributed.on_main_process(_score_and_write, config, predictions, references, info, images) or 0
+        if not inputs.predictions:
+            raise UserInputError("--eval: there is no caption to score (no image could be read); see the warnings above.")
+        metrics = {**{key: None for key in METRIC_KEYS}, "num_images": len(inputs.predictions), "num_references": 0,
+                   "fgd_note": None, "references_note": NO_REFERENCES_NOTE}
+    clip, per_image = _clip_metrics(config, inputs, embedder, clip_note)
+    training = load_training_captions(Path(config.output_dir))  # logs what it reads, like --train did
+    results = {**metrics, **clip, **_statistics(inputs.predictions, *training)}
+    results.update(_base_comparison(config, inputs, embedder, clip_note, training))
+    return {**results, "per_image": per_image}
 
 
-def _score_and_write(config, predictions: dict[str, str], references: dict[str, list[str]], info: dict, images=None) -> int:
-    metrics = score_captions(predictions, references, config.fgd_model, resolve_device())
-    info["captions_file"] = str(config.captions_file) if config.captions_file else None
+def _print_results(results: dict) -> None:
+    print(format_metrics_table({k: v for k, v in results.items() if k != "clip_images"}))
+    base = results.get("base_model")
+    print(format_caption_stats(base["caption_stats"], results["caption_stats"], ("base model", "this evaluation"))
+          if base else format_caption_stats(results["caption_stats"]))
+    if base:
+        def number(value):
+            return "n/a" if value is None else f"{value:.4f}"
+
+        print(f"base model on the same images: CLIP-S {number(base['clip_score'])} (this evaluation "
+              f"{number(results['clip_score'])}), RefCLIP-S {number(base['ref_clip_score'])} "
+              f"({number(results['ref_clip_score'])})")
+    for key in ("references_note", "clip_note", "base_model_note"):
+        if results.get(key):
+            print(f"note: {results[key]}")
+    for label, warning in (("", results["collapse_warning"]), ("base model: ", (base or {}).get("collapse_warning"))):
+        if warning:
+            logger.warning("%s%s", label, warning)
+
+
+def _score_and_write(config, inputs: EvalInputs, embedder, clip_note) -> int:
+    results = _score(config, inputs, embedder, clip_note)
+    inputs.info["captions_file"] = str(config.captions_file) if config.captions_file else None
+    inputs.info["clip_model"] = config.clip_model
     target = Path(config.output_dir) / "eval_results.json"
-    write_json_atomic(target, {**metrics, "settings": info})
-    print(format_metrics_table(metrics))
+    write_json_atomic(target, {**results, "settings": inputs.info})
+    _print_results(results)
     logger.info("Wrote %s", target)
-    write_eval_report(config, predictions, references, metrics, info, images)  # logs a warning if it fails, never raises
+    # logs a warning if it fails, never raises
+    write_eval_report(config, inputs.predictions, inputs.references, results, inputs.info, inputs.images)
     return 0

@@ -40,6 +40,7 @@ class CaptionResult:
     captions: dict[str, str] = field(default_factory=dict)  # image name -> caption
     skipped: dict[str, str] = field(default_factory=dict)  # image name -> why
     seconds: float = 0.0
+    image_embeddings: dict = field(default_factory=dict)  # image name -> embed_images' row (e.g. CLIP, for CLIP-S)
 
     @property
     def images_per_second(self) -> float:
@@ -80,6 +81,7 @@ def caption_folder(
     model, processor, folder, names: list[str] | None, batch_size: int = 8, max_new_tokens: int = 30,
     num_beams: int = 1, num_workers: int = 0, progress: bool = True,
     on_batch: Callable[[dict[str, str], dict[str, str]], None] | None = None, progress_desc: str = "Captioning",
+    embed_images: Callable[[list], list] | None = None,
 ) -> CaptionResult:
     """Caption the named images in batches; memory stays flat however many there are.
 
@@ -87,6 +89,8 @@ def caption_folder(
     Dataset of (name, image or None, reason) items, for which `names` may be None.
 
     on_batch(captions, skipped) is called as each batch finishes (e.g. to append it to a part file).
+    embed_images(images) -> one row per image is given each batch's decoded images, so a scorer that needs them
+    (CLIP-S) reads every image in this one decode pass; its rows land in result.image_embeddings.
     """
     result = CaptionResult()
     if isinstance(folder, Dataset):
@@ -107,6 +111,8 @@ def caption_folder(
             if good:
                 texts = generate_captions(model, processor, [image for _, image in good], max_new_tokens, num_beams)
                 captions = {name: caption for (name, _), caption in zip(good, texts)}
+                if embed_images is not None:
+                    result.image_embeddings.update(zip(captions, embed_images([image for _, image in good])))
             result.captions.update(captions)
             result.skipped.update(skipped)
             if on_batch is not None:
@@ -120,18 +126,22 @@ def caption_folder(
 def caption_across_ranks(
     model, processor, folder: Path, names: list[str], batch_size: int = 8, max_new_tokens: int = 30,
     num_beams: int = 1, num_workers: int = 0, progress: bool = True, progress_desc: str = "Captioning",
+    embed_images: Callable[[list], list] | None = None,
 ) -> CaptionResult:
     """caption_folder with the names split over the launched processes (call it on every rank); every rank
-    gets all captions. seconds is the slowest rank's. One process: caption_folder itself."""
+    gets all captions (and image embeddings). seconds is the slowest rank's. One process: caption_folder itself."""
     mine = caption_folder(
         model, processor, folder, distributed.split_for_rank(names), batch_size, max_new_tokens, num_beams,
         num_workers, progress=progress and distributed.is_main_process(), progress_desc=progress_desc,
+        embed_images=embed_images,
     )
     result = CaptionResult()
-    for captions, skipped, seconds in distributed.all_gather_object((mine.captions, mine.skipped, mine.seconds)):
+    parts = distributed.all_gather_object((mine.captions, mine.skipped, mine.seconds, mine.image_embeddings))
+    for captions, skipped, seconds, embeddings in parts:
         result.captions.update(captions)
         result.skipped.update(skipped)
         result.seconds = max(result.seconds, seconds)
+        result.image_embeddings.update(embeddings)
     return result
 
 

@@ -31,10 +31,15 @@ GALLERY_WORST, GALLERY_BEST, GALLERY_RANDOM = 100, 100, 50
 THUMBNAIL_PX = 128  # longest side of an embedded thumbnail
 JPEG_QUALITY = 80
 TABLE_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "rouge_1", "rouge_2", "fgd",
-              "num_images", "num_references")
+              "clip_score", "ref_clip_score", "num_images", "num_references")
+# Caption statistics (utils/caption_stats.py), shown in their own table.
+STAT_LABELS = {"num_distinct_captions": "distinct captions", "distinct_caption_share": "share of distinct captions",
+               "distinct_1": "distinct-1", "distinct_2": "distinct-2", "vocabulary_size": "vocabulary (words)",
+               "mean_caption_length": "mean length (words)", "copied_from_training": "copied from training captions"}
 METRIC_LABELS = {"bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4",
                  "rouge_l": "ROUGE-L", "cider": "CIDEr-D", "rouge_1": "ROUGE-1", "rouge_2": "ROUGE-2",
-                 "fgd": "FGD (lower is better)", "num_images": "images", "num_references": "references"}
+                 "fgd": "FGD (lower is better)", "num_images": "images", "num_references": "references",
+                 "clip_score": "CLIP-S", "ref_clip_score": "RefCLIP-S", **STAT_LABELS}
 # Nothing may leave the page: every image is a data: URI, styles and the script are inline.
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
@@ -122,10 +127,12 @@ class GalleryRow:
     name: str
     prediction: str
     references: list[str]
-    cider: float
-    bleu_4: float
+    cider: float | None  # None without references
+    bleu_4: float | None
     base: str | None = None  # the base model's caption, when the run has it
     base_cider: float | None = None
+    clip_score: float | None = None  # CLIP-S (utils/clip_score.py), when computed
+    base_clip_score: float | None = None
 
 
 @dataclass
@@ -142,12 +149,16 @@ class ReportData:
 
 
 def build_gallery(predictions: dict[str, str], references: dict[str, list[str]],
-                  base: dict[str, str] | None = None, seed: int = 0) -> tuple[list[GalleryRow], dict[str, dict], dict | None]:
+                  base: dict[str, str] | None = None, seed: int = 0,
+                  clip_scores: dict[str, float] | None = None) -> tuple[list[GalleryRow], dict[str, dict], dict | None]:
     """Rows to show (worst CIDEr-D first), every image's scores, and the base model's metrics on the same images.
 
     The base model's scores are computed only when it captioned every scored image, so both use the same
-    CIDEr-D document frequencies and are comparable.
+    CIDEr-D document frequencies and are comparable. Without references the rows are ranked by CLIP-S.
     """
+    clip_scores = clip_scores or {}
+    if not references:
+        return _reference_free_gallery(predictions, base or {}, clip_scores, seed), {n: {} for n in predictions}, None
     scores = compute_per_image_scores(predictions, references)
     base = {name: caption for name, caption in (base or {}).items() if name in scores}
     base_scores, base_metrics = {}, None
@@ -156,8 +167,16 @@ def build_gallery(predictions: dict[str, str], references: dict[str, list[str]],
         base_metrics = compute_caption_metrics(base, {name: references[name] for name in base})
     shown = select_gallery({name: s["cider"] for name, s in scores.items()}, seed=seed)
     rows = [GalleryRow(name, predictions[name], list(references[name]), scores[name]["cider"], scores[name]["bleu_4"],
-                       base.get(name), base_scores.get(name, {}).get("cider")) for name in shown]
+                       base.get(name), base_scores.get(name, {}).get("cider"), clip_scores.get(name)) for name in shown]
     return rows, scores, base_metrics
+
+
+def _reference_free_gallery(predictions: dict[str, str], base: dict[str, str], clip_scores: dict[str, float],
+                            seed: int) -> list[GalleryRow]:
+    """Rows of captions without references: worst CLIP-S first (file name order when there is no CLIP-S)."""
+    ranking = {name: clip_scores.get(name, 0.0) for name in predictions}
+    return [GalleryRow(name, predictions[name], [], None, None, base.get(name), None, clip_scores.get(name))
+            for name in select_gallery(ranking, seed=seed)]
 
 
 # ---------------------------------------------------------------------------
@@ -339,7 +358,7 @@ STYLE = """
 body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1280px}
 .tables{display:flex;flex-wrap:wrap;gap:8px 40px} h3{font-size:15px;margin:8px 0 4px}
 h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd}
-.sub{color:#666;margin:2px 0} .note{color:#666;font-size:12px}
+.sub{color:#666;margin:2px 0} .note{color:#666;font-size:12px} .warn{color:#b42318;font-weight:600}
 table.metrics{border-collapse:collapse;margin:4px 0}
 table.metrics td,table.metrics th{padding:3px 10px;border-bottom:1px solid #eee;text-align:right}
 table.metrics td:first-child,table.metrics th:first-child{text-align:left}
@@ -413,9 +432,9 @@ def render_metrics_table(heading: str, columns: list[tuple[str, dict]]) -> str:
     with_change = len(columns) == 2
     head += "<th>change</th>" if with_change else ""
     body = []
-    for key in TABLE_KEYS:
+    for key in TABLE_KEYS + tuple(STAT_LABELS):
         values = [metrics.get(key) for _, metrics in columns]
-        if all(v is None for v in values) and key != "fgd":
+        if all(v is None for v in values) and not (key == "fgd" and any(key in m for _, m in columns)):
             continue
         cells = "".join(f"<td>{_format_value(v)}</td>" for v in values)
         if with_change:
@@ -423,7 +442,7 @@ def render_metrics_table(heading: str, columns: list[tuple[str, dict]]) -> str:
             if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
                 delta = b - a
                 better = delta < 0 if key == "fgd" else delta > 0
-                css = "" if delta == 0 or key.startswith("num_") else (' class="up"' if better else ' class="down"')
+                css = "" if delta == 0 or key.startswith("num_") or key in STAT_LABELS else (' class="up"' if better else ' class="down"')
                 cells += f"<td{css}>{delta:+d}</td>" if isinstance(delta, int) else f"<td{css}>{delta:+.4f}</td>"
             else:
                 cells += "<td>n/a</td>"
@@ -434,21 +453,26 @@ def render_metrics_table(heading: str, columns: list[tuple[str, dict]]) -> str:
             f'<tbody>{"".join(body)}</tbody></table>{notes}</div>')
 
 
-def render_row(row: GalleryRow, roots: list[Path]) -> str:
+def render_row(row: GalleryRow, roots: list[Path], clip_column: bool = False) -> str:
     esc = html.escape
     uri, why = thumbnail_data_uri(find_image(row.name, roots))
     image = (f'<img class="thumb" src="{uri}" alt="{esc(row.name)}" loading="lazy">' if uri
              else f'<div class="missing" title="{esc(why)}">no image</div>')
     base = ""
     if row.base is not None:
-        score = f" (CIDEr-D {row.base_cider:.3f})" if row.base_cider is not None else ""
+        scores = [f"{label} {value:.3f}" for label, value in (("CIDEr-D", row.base_cider), ("CLIP-S", row.base_clip_score))
+                  if value is not None]
+        score = f" ({', '.join(scores)})" if scores else ""
         base = f'<div class="base">base model: {esc(row.base)}{score}</div>'
-    gain = row.cider - row.base_cider if row.base_cider is not None else 0.0
+    gain = row.cider - row.base_cider if row.base_cider is not None and row.cider is not None else 0.0
     refs = "".join(f"<li>{esc(ref)}</li>" for ref in row.references)
-    return (f'<tr class="row" data-name="{esc(row.name)}" data-cider="{row.cider:.6g}" data-bleu4="{row.bleu_4:.6g}" '
+    numbers = {"cider": row.cider, "bleu4": row.bleu_4, **({"clip": row.clip_score} if clip_column else {})}
+    data = "".join(f' data-{key}="{value:.6g}"' for key, value in numbers.items() if value is not None)
+    cells = "".join(f'<td class="num">{"n/a" if value is None else f"{value:.3f}"}</td>' for value in numbers.values())
+    return (f'<tr class="row" data-name="{esc(row.name)}"{data} '
             f'data-gain="{gain:.6g}"><td>{image}</td><td><div class="name">{esc(row.name)}</div>'
             f'<div class="pred">{esc(row.prediction)}</div>{base}</td><td><ul class="refs">{refs}</ul></td>'
-            f'<td class="num">{row.cider:.3f}</td><td class="num">{row.bleu_4:.3f}</td></tr>')
+            f'{cells}</tr>')
 
 
 def render_gallery(data: ReportData, roots: list[Path]) -> str:
@@ -457,11 +481,16 @@ def render_gallery(data: ReportData, roots: list[Path]) -> str:
                ("bleu4-asc", "BLEU-4, worst first"), ("bleu4-desc", "BLEU-4, best first"), ("name-asc", "file name")]
     if has_base:
         options.insert(2, ("gain-asc", "CIDEr-D change vs base, most worse first"))
+    clip_column = any(row.clip_score is not None for row in data.rows)
+    if clip_column:
+        options[-1:-1] = [("clip-asc", "CLIP-S, worst first"), ("clip-desc", "CLIP-S, best first")]
+    if all(row.cider is None for row in data.rows):  # no references: CIDEr-D and BLEU-4 sorts mean nothing
+        options = [o for o in options if not o[0].startswith(("cider", "bleu4", "gain"))]
     select = "".join(f'<option value="{value}">{label}</option>' for value, label in options)
-    rows = "".join(render_row(row, roots) for row in data.rows)
-    shown = len(data.rows)
+    rows = "".join(render_row(row, roots, clip_column) for row in data.rows)
+    shown, ranked_by = len(data.rows), "CIDEr-D" if any(row.cider is not None for row in data.rows) else "CLIP-S"
     return (f'<h2>Gallery</h2><p class="sub" id="gallery-count">Showing {shown} of {data.num_scored} scored images'
-            + (f" (the {GALLERY_WORST} worst and {GALLERY_BEST} best by CIDEr-D, and {GALLERY_RANDOM} at random)"
+            + (f" (the {GALLERY_WORST} worst and {GALLERY_BEST} best by {ranked_by}, and {GALLERY_RANDOM} at random)"
                if shown < data.num_scored else "")
             + '.</p><p class="note">Per-image CIDEr-D uses the document frequencies of the whole evaluated set (the '
               'per-image values average to the corpus CIDEr-D). Per-image BLEU-4 is pycocoevalcap\'s sentence-level '
@@ -470,7 +499,7 @@ def render_gallery(data: ReportData, roots: list[Path]) -> str:
             f'<label>Search <input id="query" type="search" placeholder="caption, reference or file name"></label> '
             f'<span class="note"><span id="visible-count">{shown}</span> rows shown</span></div>'
             f'<table class="gallery"><thead><tr><th>image</th><th>caption</th><th>references</th><th>CIDEr-D</th>'
-            f'<th>BLEU-4</th></tr></thead><tbody id="gallery-body">{rows}</tbody></table>')
+            f'<th>BLEU-4</th>{"<th>CLIP-S</th>" if clip_column else ""}</tr></thead><tbody id="gallery-body">{rows}</tbody></table>')
 
 
 def render_report(data: ReportData, roots: list[Path]) -> str:
@@ -480,7 +509,7 @@ def render_report(data: ReportData, roots: list[Path]) -> str:
              '<p class="note">Caption metrics during training: before training at step 0, after training (the model '
              "saved as final_model, i.e. the best checkpoint) at the last step, and at each evaluation in between "
              "when training ran with --metric_for_best_model set to a caption metric.</p>") if data.plots else ""
-    notes = "".join(f'<p class="note">{esc(note)}</p>' for note in data.notes)
+    notes = "".join(f'<p class="{"warn" if note.startswith("Warning") else "note"}">{esc(note)}</p>' for note in data.notes)
     subtitle = "".join(f'<p class="sub">{esc(line)}</p>' for line in data.subtitle)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
@@ -508,8 +537,22 @@ def _write(path: Path, data: ReportData, roots: list[Path], start: float) -> Pat
 
 def _training_tables(training: dict, heading: str) -> list:
     if training.get("before") and training.get("after"):
-        return [(heading, [("before training", training["before"]), ("after training", training["after"])])]
+        columns = [("before training", training["before"]), ("after training", training["after"])]
+        return [(heading, columns)] + _stats_table(f"{heading}: caption diversity", columns)
     return []
+
+
+def _stats_table(heading: str, columns: list[tuple[str, dict]]) -> list:
+    """The caption statistics of each column (its "caption_stats"), as one more metric table; [] when none has them."""
+    stats = [(label, metrics.get("caption_stats") or {}) for label, metrics in columns]
+    return [(heading, stats)] if any(s for _, s in stats) else []
+
+
+def _warnings_and_notes(columns: list[tuple[str, dict]]) -> list[str]:
+    """Collapse warnings first, then why a metric is missing, one line each, labelled by column."""
+    lines = [f"Warning ({label}): {m['collapse_warning']}" for label, m in columns if m.get("collapse_warning")]
+    return lines + [f"{label}: {m[key]}" for key in ("references_note", "clip_note", "base_model_note")
+                    for label, m in columns if m.get(key)]
 
 
 def build_eval_report(run_dir: Path, predictions: dict[str, str], references: dict[str, list[str]],
@@ -518,17 +561,24 @@ def build_eval_report(run_dir: Path, predictions: dict[str, str], references: di
     run_dir = Path(run_dir)
     base_captions = {name: r["before"] for name, r in read_val_predictions(run_dir / VAL_PREDICTIONS_NAME).items()
                      if r["before"]}
-    base = align_names(base_captions, references) if base_captions else {}
-    rows, scores, base_metrics = build_gallery(predictions, references, base, seed)
+    base = align_names(base_captions, references or {name: [] for name in predictions}) if base_captions else {}
+    clip = (metrics.get("per_image") or {}).get("clip_score")
+    rows, scores, base_metrics = build_gallery(predictions, references, base, seed, clip)
     label = "this evaluation"
+    if metrics.get("base_model"):  # CLIP-S and statistics of the base model's captions, scored by --eval
+        base_metrics = {**(base_metrics or {}), **metrics["base_model"]}
+        base_clip = (metrics["base_model"].get("per_image") or {}).get("clip_score") or {}
+        for row in rows:
+            row.base_clip_score = base_clip.get(row.name)
     columns = [("base model", {**base_metrics, "fgd": None}), (label, metrics)] if base_metrics else [(label, metrics)]
     training = read_json(run_dir / "metrics.json")
-    tables = [("Evaluated images", columns)] + _training_tables(training, "Validation images during training")
+    tables = [("Evaluated images", columns)] + _stats_table("Evaluated images: caption diversity", columns)
+    tables += _training_tables(training, "Validation images during training")
     source = info.get("model") or info.get("predictions_file") or ""
     subtitle = [f"--eval of {source}" if source else "--eval",
                 *(f"{k}: {info[k]}" for k in ("test_dir", "captions_file") if info.get(k)),
                 f"written {datetime.now().isoformat(timespec='seconds')}"]
-    notes = []
+    notes = _warnings_and_notes(columns)
     if base and not base_metrics:
         notes.append("The base model's captions (from val_predictions.csv) cover only some of these images, "
                      "so they are shown without base-model metrics.")
@@ -567,8 +617,9 @@ def write_training_report(run_dir: Path, val_dir: Path, references: dict[str, li
                     f"written {datetime.now().isoformat(timespec='seconds')}"]
         tables = (_training_tables(training, "Validation images")
                   or [("Validation images", [("after training", training.get("after") or {})])])
+        notes = _warnings_and_notes([(f"{when} training", training.get(when) or {}) for when in ("before", "after")])
         data = ReportData("Caption report", subtitle, tables, rows, len(scores),
-                          build_plots(read_train_history(run_dir), training))
+                          build_plots(read_train_history(run_dir), training), notes)
     except Exception as error:  # noqa: BLE001
         logger.warning("Could not build the HTML report: %s: %s", type(error).__name__, error)
         return None

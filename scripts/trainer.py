@@ -32,6 +32,7 @@ from utils.dataset_utils import (
     as_image_source, collect_examples, find_truncated_captions, split_by_image,
 )
 from utils.errors import UserInputError
+from utils.caption_stats import format_caption_stats
 from utils.evaluation import format_metrics_table
 from utils.feature_store import FeatureStore
 from utils.io import give_default_permissions, replace_folder_atomically, write_json_atomic, write_split_file, write_text_atomic
@@ -175,6 +176,8 @@ class CaptionScorer:
     def __init__(self, processor, splits: DataSplits, config: Config, with_fgd: bool, cache: FeatureStore | None = None):
         self.processor, self.splits, self.config, self.with_fgd, self.cache = processor, splits, config, with_fgd, cache
         self.references = references_of(splits.val)
+        # For copied_from_training; a stream is not held in memory, so its captions are not compared.
+        self.train_captions = None if splits.train_stream is not None else [e.caption for e in splits.train]
 
     def caption(self, model) -> dict[str, str]:
         """Captions of every validation image; each rank captions its share and all get every caption."""
@@ -214,7 +217,17 @@ class CaptionScorer:
             scores = distributed.run_on_main(lambda: score_captions(predictions, self.references, self.config.fgd_model))
         else:
             scores = distributed.run_on_main(lambda: compute_caption_metrics(predictions, self.references))
-        return scores, predictions
+        return {**scores, **self.statistics(predictions)}, predictions
+
+    def statistics(self, predictions: dict[str, str]) -> dict:
+        """Diversity of the validation captions, and the collapse warning (logged) when one caption dominates."""
+        from utils.caption_stats import caption_statistics, collapse_warning
+
+        stats = caption_statistics(predictions.values(), self.train_captions)
+        warning = collapse_warning(stats)
+        if warning and distributed.is_main_process():
+            logger.warning("Validation captions: %s", warning)
+        return {"caption_stats": stats, "collapse_warning": warning}
 
 
 class _EpochDataLoader(DataLoader):
@@ -588,8 +601,8 @@ def finish_metrics(run_dir: Path, metrics: dict) -> None:
     metrics = merge_previous_metrics(run_dir, metrics)
     if "after" in metrics:
         before_after = (metrics["before"], metrics["after"]) if "before" in metrics else (metrics["after"],)
-        logger.info("Validation caption metrics, the base before vs with the adapter after training:\n%s",
-                    format_metrics_table(*before_after))
+        logger.info("Validation caption metrics, the base before vs with the adapter after training:\n%s\n%s",
+                    format_metrics_table(*before_after), format_caption_stats(*(m.get("caption_stats") or {} for m in before_after)))
     write_json_atomic(run_dir / "metrics.json", metrics)
 
 

@@ -75,3 +75,11 @@ def bert_tokenizer(bert_vocab_file, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bert_vocab")
     (folder / "vocab.txt").write_bytes(bert_vocab_file.read_bytes())
     return BertTokenizer.from_pretrained(str(folder), do_lower_case=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A random CLIP (hidden 64, 2+2 layers, 32 px) with a byte-level tokenizer, loadable by from_pretrained."""
+    from models.small_clip import build_small_clip
+
+    return build_small_clip(tmp_path_factory.mktemp("tiny_clip"))

@@ -100,6 +100,9 @@ class Config:
     merge_dtype: str = "auto"
     # demo
     demo_scale: float = 1.0
+    # reference-free scoring (issue 15 B)
+    clip_model: str | None = "openai/clip-vit-base-patch32"  # None: --clip_model none, no CLIP-S
+    reference_free: bool = False  # --captions_file none: --eval scores without references (CLIP-S, caption statistics)
 
     @property
     def generation_tokens(self) -> int:
@@ -194,10 +197,12 @@ def _check_mode_inputs(config: Config, problems: list[str]) -> None:
         )
     if config.mode == "eval" and config.test_dir is not None and config.dataset is not None:
         problems.append("--eval scores --test_dir or --dataset; give one of them.")
-    if config.mode == "eval" and config.predictions_file is not None and config.dataset is not None:
-        problems.append("--eval --predictions_file scores against --captions_file; leave out --dataset.")
-    if config.mode == "eval" and config.predictions_file is not None and config.captions_file is None:
-        problems.append("--eval --predictions_file needs --captions_file, the reference captions to score against.")
+    if config.mode == "eval" and config.predictions_file is not None and config.captions_file is None \
+            and config.dataset is None and not config.reference_free:
+        problems.append("--eval --predictions_file needs --captions_file, the reference captions to score against "
+                        "(or --captions_file none to score without references: CLIP-S with --test_dir, caption statistics).")
+    if config.reference_free and config.mode != "eval":
+        problems.append("--captions_file none (no references) only applies to --eval; give a captions file or leave the flag out.")
 
 
 def _check_dataset_flags(config: Config, problems: list[str]) -> None:

@@ -59,6 +59,17 @@ class DatasetSpec:
             split_ratio=config.split_ratio, seed=config.seed, allow_partial_captions=config.allow_partial_captions,
         )
 
+    @classmethod
+    def from_run_settings(cls, run_settings: dict) -> "DatasetSpec":
+        """The dataset a --dataset run trained on, from its run_config.json (not streamed: read as a table)."""
+        return cls(
+            name=run_settings["dataset"], config_name=run_settings.get("dataset_config"),
+            train_split=run_settings.get("train_split") or "train", eval_split=run_settings.get("eval_split"),
+            image_column=run_settings.get("image_column"), caption_column=run_settings.get("caption_column"),
+            id_column=run_settings.get("id_column"), split_ratio=run_settings.get("split_ratio", 0.1),
+            seed=run_settings.get("seed", 42),
+        )
+
 
 @dataclass(frozen=True)
 class Columns:
@@ -475,13 +486,7 @@ def _materialise(stream, columns: Columns):
 def sample_dataset_images(run_settings: dict, limit: int = 16) -> tuple[object, list[str]]:
     """(image source, names) of a --dataset run's validation images, for the merge fidelity check; (None, [])
     with a warning when the dataset cannot be read now (the merge itself does not need it)."""
-    spec = DatasetSpec(
-        name=run_settings["dataset"], config_name=run_settings.get("dataset_config"),
-        train_split=run_settings.get("train_split") or "train", eval_split=run_settings.get("eval_split"),
-        image_column=run_settings.get("image_column"), caption_column=run_settings.get("caption_column"),
-        id_column=run_settings.get("id_column"), split_ratio=run_settings.get("split_ratio", 0.1),
-        seed=run_settings.get("seed", 42),
-    )
+    spec = DatasetSpec.from_run_settings(run_settings)
     try:
         if run_settings.get("streaming"):  # never download a streamed set: take the first rows as they come
             stream, _ = load_streaming_train(dataclasses.replace(spec, streaming=True, shuffle_buffer=0))
