@@ -127,6 +127,12 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
             return text
         return f"{text} (default: %(default)s)"
 
+    def _split_lines(self, text, width):
+        # Hub ids and flag values hold hyphens ("openai/clip-vit-base-patch32"): never break a line inside one.
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag's default is its Config field's default (utils/config.py): a new flag is a Config field plus an

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from git_qlora_main import build_config, build_parser, main
-from utils.config import Config
+from utils.config import DERIVED_FIELDS, Config
 from utils.config_file import RECORDED_RUN_KEYS, apply_config_file, explicit_flags, flag_value
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def test_help_shows_every_default_and_it_is_configs(capsys):
     entries = help_entries(capsys.readouterr().out)
     fields = {f.name: f.default for f in dataclasses.fields(Config)}
     flags = [a.dest for a in build_parser()._actions if a.option_strings and a.dest not in ("help", "mode", "config")]
-    assert set(flags) == set(fields) - {"mode"}
+    assert set(flags) == set(fields) - {"mode", *DERIVED_FIELDS}
     for flag in flags:
         found = re.search(r"\(default: ([^;)]*)", entries[flag])
         assert found or "default" in entries[flag], f"--{flag} shows no default: {entries[flag]}"

@@ -27,6 +27,8 @@ TUPLE_FIELDS = ("lora_target_modules", "report_to")  # comma-separated on the co
 # Settings that define the trained model; later modes take them from the run, not the command line.
 # The compute dtype is not among them: it is how the model runs, not what it is (--bnb_4bit_compute_dtype
 # float32 gives any run the exact path).
+# Config fields that are not flags: the command line sets them through another flag's value.
+DERIVED_FIELDS = ("reference_free",)
 MODEL_KEYS = (
     "model_name", "quantization_bits", "bnb_4bit_quant_type",
     "bnb_4bit_use_double_quant", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
@@ -100,8 +102,8 @@ class Config:
     merge_dtype: str = "auto"
     # demo
     demo_scale: float = 1.0
-    # reference-free scoring (issue 15 B)
     clip_model: str | None = "openai/clip-vit-base-patch32"  # None: --clip_model none, no CLIP-S
+    # derived (DERIVED_FIELDS): set from another flag's value, not a flag of its own
     reference_free: bool = False  # --captions_file none: --eval scores without references (CLIP-S, caption statistics)
 
     @property

@@ -9,12 +9,12 @@ import types
 import typing
 from pathlib import Path
 
-from utils.config import MODES, Config
+from utils.config import DERIVED_FIELDS, MODES, Config
 from utils.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
-FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name not in DERIVED_FIELDS}
 # Flags whose unset value depends on the mode (build_config resolves them), so the parser keeps None.
 MODE_DEPENDENT = ("output_dir",)
 # What run_config.json records besides the flags (scripts/trainer.py write_run_config, record_resume): facts about
@@ -22,7 +22,7 @@ MODE_DEPENDENT = ("output_dir",)
 RECORDED_RUN_KEYS = (
     "base_model", "device", "precision", "compute_dtype", "training_autocast", "world_size", "effective_batch_size",
     "library_versions", "created", "num_train_examples", "num_val_examples", "truncated_train_captions", "val_dir",
-    "val_images", "splits", "resumes",
+    "val_images", "splits", "resumes", *DERIVED_FIELDS,
 )
 # A run record names its own run: rerunning from it starts a new run, never continues or overwrites the old one.
 NOT_RERUN = ("run_name", "resume")
