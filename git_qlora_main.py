@@ -91,7 +91,7 @@ def _training_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval_steps", type=int, help="validate and checkpoint every N steps (default: once per epoch)")
     g.add_argument("--logging_steps", type=int, default=10, help="log the training loss every N steps")
     g.add_argument("--save_total_limit", type=int, default=2, help="checkpoints kept (the best one is always kept)")
-    g.add_argument("--metric_for_best_model", default="loss", help="loss (validation loss) or a caption metric such as cider, bleu_4")
+    g.add_argument("--metric_for_best_model", default="loss", help="loss (validation loss) or a caption metric such as cider, bleu_4, meteor")
     g.add_argument("--num_workers", type=int, default=2, help="image-decoding worker processes")
     g.add_argument("--resume", action="store_true", help="--train: continue the run (--run_name, default the newest) from its last checkpoint; --inference --test_dir: caption only the images an interrupted job left")
     g.add_argument("--cache_image_features", default="auto", help="auto (on when the vision tower is frozen and the cache fits), on or off: encode each image once and train on the cached features")
@@ -106,6 +106,8 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--merge_base", default="dequantized", help="dequantized (the 4-bit weights the adapter was trained on) or original (full precision)")
     g.add_argument("--merge_dtype", default="auto", help="auto (float32 on the CPU, the training dtype on a GPU), float32, float16, bfloat16")
     g.add_argument("--demo_scale", type=float, default=1.0, help="shrink the demo (0..1] for a quick check")
+    g.add_argument("--caption_tokenizer", default="auto", help="how captions are tokenized for scoring: ptb (Stanford PTBTokenizer, the COCO protocol; needs Java), simple (lowercase, ASCII punctuation removed) or auto (ptb when Java runs)")
+    g.add_argument("--java", default="java", help="Java executable for the PTBTokenizer and METEOR; 'none' scores without Java (simple tokenizer, no METEOR)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +125,8 @@ def build_config(args: argparse.Namespace) -> Config:
     values["lora_target_modules"] = tuple(n.strip() for n in values["lora_target_modules"].split(",") if n.strip())
     if values["fgd_model"] is not None and values["fgd_model"].lower() in ("none", ""):
         values["fgd_model"] = None
+    if values["java"] is not None and values["java"].lower() in ("none", ""):
+        values["java"] = None
     if values["output_dir"] is None:
         values["output_dir"] = Path("results/demo") if args.mode == "demo" else Path("results")
     if values["model_name"] is None and args.mode == "train":

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from models.git_qlora import resolve_device
 from scripts.inference import caption_across_ranks, load_caption_model
-from scripts.report import write_eval_report
+from scripts.report import VAL_PREDICTIONS_NAME, read_val_predictions, write_eval_report
 from utils import distributed
 from utils.dataset_utils import Example, collect_examples, read_captions_file
-from utils.evaluation import align_names, format_metrics_table, score_captions
+from utils.evaluation import align_names, evaluate_captions, format_metrics_table
 from utils.io import read_predictions_file, write_json_atomic, write_predictions_csv
+from utils.java_scorers import resolve_caption_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ def _caption_run_images(config) -> tuple[dict[str, str], dict[str, list[str]], d
 
 def run_evaluation(config) -> int:
     """--eval: score a run's (or a base model's) captions of --test_dir, or an existing --predictions_file."""
+    # Resolved once, before any captioning: ptb without Java fails in seconds, and auto warns once.
+    tokenizer = distributed.run_on_main(lambda: resolve_caption_tokenizer(config.caption_tokenizer, config.java))
+    config = config.replace(caption_tokenizer=tokenizer)
     if config.predictions_file is not None:
         references = read_captions_file(config.captions_file)
         predictions = align_names(read_predictions_file(config.predictions_file), references)
@@ -73,12 +77,30 @@ def run_evaluation(config) -> int:
     return distributed.on_main_process(_score_and_write, config, predictions, references, info, images) or 0
 
 
+def _base_captions(config, references: dict[str, list[str]]) -> dict[str, str] | None:
+    """The run's base-model captions (val_predictions.csv, "before") keyed like the references, for a paired comparison."""
+    rows = read_val_predictions(Path(config.output_dir) / VAL_PREDICTIONS_NAME)
+    base = {name: r["before"] for name, r in rows.items() if r["before"]}
+    return align_names(base, references) if base else None
+
+
 def _score_and_write(config, predictions: dict[str, str], references: dict[str, list[str]], info: dict, images=None) -> int:
-    metrics = score_captions(predictions, references, config.fgd_model, resolve_device())
+    base = _base_captions(config, references)
+    if base is not None and not set(predictions) & set(references) <= set(base):
+        base = None  # the run's validation captions cover other images: nothing to pair
+    scores = evaluate_captions(predictions, references, config.fgd_model, resolve_device(),
+                               caption_tokenizer=config.caption_tokenizer, java=config.java, baseline=base, seed=config.seed)
+    metrics = scores.metrics
     info["captions_file"] = str(config.captions_file) if config.captions_file else None
+    info["caption_tokenizer"] = metrics["caption_tokenizer"]
     target = Path(config.output_dir) / "eval_results.json"
-    write_json_atomic(target, {**metrics, "settings": info})
+    comparison = {"base_model": scores.baseline, "change": scores.change} if scores.baseline is not None else {}
+    write_json_atomic(target, {**metrics, **comparison, "settings": info})
     print(format_metrics_table(metrics))
+    if scores.baseline is not None:
+        print("\nThe base model's captions of the same images (the run's val_predictions.csv) vs this evaluation:")
+        print(format_metrics_table(scores.baseline, metrics, scores.change))
     logger.info("Wrote %s", target)
-    write_eval_report(config, predictions, references, metrics, info, images)  # logs a warning if it fails, never raises
+    # logs a warning if it fails, never raises
+    write_eval_report(config, predictions, references, metrics, info, images, scores=scores)
     return 0

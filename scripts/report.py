@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import html
 import io
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from utils.dataset_utils import load_image, read_text
-from utils.evaluation import METRIC_KEYS, align_names, compute_caption_metrics, compute_per_image_scores
+from utils.evaluation import PROTOCOLS, align_names, compute_caption_metrics, compute_per_image_scores
 from utils.io import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -30,9 +31,9 @@ HISTORY_NAME = "train_history.json"  # the Trainer's log_history at the end of -
 GALLERY_WORST, GALLERY_BEST, GALLERY_RANDOM = 100, 100, 50
 THUMBNAIL_PX = 128  # longest side of an embedded thumbnail
 JPEG_QUALITY = 80
-TABLE_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "rouge_1", "rouge_2", "fgd",
+TABLE_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "rouge_1", "rouge_2", "fgd",
               "num_images", "num_references")
-METRIC_LABELS = {"bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4",
+METRIC_LABELS = {"bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4", "meteor": "METEOR", "spice": "SPICE",
                  "rouge_l": "ROUGE-L", "cider": "CIDEr-D", "rouge_1": "ROUGE-1", "rouge_2": "ROUGE-2",
                  "fgd": "FGD (lower is better)", "num_images": "images", "num_references": "references"}
 # Nothing may leave the page: every image is a data: URI, styles and the script are inline.
@@ -126,6 +127,7 @@ class GalleryRow:
     bleu_4: float
     base: str | None = None  # the base model's caption, when the run has it
     base_cider: float | None = None
+    meteor: float | None = None  # METEOR of the caption, when METEOR ran
 
 
 @dataclass
@@ -134,7 +136,7 @@ class ReportData:
 
     title: str
     subtitle: list[str]
-    tables: list[tuple[str, list[tuple[str, dict]]]]  # (heading, [(column label, metrics)])
+    tables: list[tuple]  # (heading, [(column label, metrics)]) or (heading, columns, {metric: change interval})
     rows: list[GalleryRow]
     num_scored: int
     plots: list[str] = field(default_factory=list)  # inline SVG
@@ -142,21 +144,24 @@ class ReportData:
 
 
 def build_gallery(predictions: dict[str, str], references: dict[str, list[str]],
-                  base: dict[str, str] | None = None, seed: int = 0) -> tuple[list[GalleryRow], dict[str, dict], dict | None]:
+                  base: dict[str, str] | None = None, seed: int = 0, caption_tokenizer: str = "auto",
+                  scores: dict[str, dict] | None = None) -> tuple[list[GalleryRow], dict[str, dict], dict | None]:
     """Rows to show (worst CIDEr-D first), every image's scores, and the base model's metrics on the same images.
 
     The base model's scores are computed only when it captioned every scored image, so both use the same
-    CIDEr-D document frequencies and are comparable.
+    CIDEr-D document frequencies and are comparable. `scores`: per-image scores already computed (with METEOR,
+    by evaluate_captions); all use the evaluation's caption_tokenizer.
     """
-    scores = compute_per_image_scores(predictions, references)
+    scores = scores or compute_per_image_scores(predictions, references, caption_tokenizer)
     base = {name: caption for name, caption in (base or {}).items() if name in scores}
     base_scores, base_metrics = {}, None
     if base and set(base) == set(scores):
-        base_scores = compute_per_image_scores(base, references)
-        base_metrics = compute_caption_metrics(base, {name: references[name] for name in base})
+        base_scores = compute_per_image_scores(base, references, caption_tokenizer)
+        base_metrics = compute_caption_metrics(base, {name: references[name] for name in base}, caption_tokenizer)
     shown = select_gallery({name: s["cider"] for name, s in scores.items()}, seed=seed)
     rows = [GalleryRow(name, predictions[name], list(references[name]), scores[name]["cider"], scores[name]["bleu_4"],
-                       base.get(name), base_scores.get(name, {}).get("cider")) for name in shown]
+                       base.get(name), base_scores.get(name, {}).get("cider"), scores[name].get("meteor"))
+            for name in shown]
     return rows, scores, base_metrics
 
 
@@ -317,7 +322,7 @@ img.thumb{display:block;border-radius:3px;background:#f4f4f4}
 .missing{width:96px;height:96px;display:flex;align-items:center;justify-content:center;background:#f4f4f4;
   color:#999;font-size:11px;text-align:center}
 .name{font-family:ui-monospace,monospace;font-size:12px;color:#555;word-break:break-all}
-.pred{font-weight:600} .base{color:#666;margin-top:4px} .refs{margin:0;padding-left:16px;color:#444}
+.ci{color:#888;font-size:12px} .pred{font-weight:600} .base{color:#666;margin-top:4px} .refs{margin:0;padding-left:16px;color:#444}
 """
 
 SCRIPT = """
@@ -367,8 +372,31 @@ def _format_value(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
 
 
-def render_metrics_table(heading: str, columns: list[tuple[str, dict]]) -> str:
-    """A metric table; with two columns a third shows the change (green up, red down; FGD is better down)."""
+def _with_interval(value, metrics: dict, key: str) -> str:
+    interval = (metrics.get("confidence") or {}).get(key)
+    if interval is None or not isinstance(value, float):
+        return _format_value(value)
+    return f'{_format_value(value)} <span class="ci">[{interval["low"]:.4f}, {interval["high"]:.4f}]</span>'
+
+
+def _change_cell(key: str, a, b, change: dict | None) -> str:
+    """The change's cell: coloured when its paired interval excludes 0 (or, without intervals, when it is not 0)."""
+    if not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool)):
+        return "<td>n/a</td>"
+    delta, interval = b - a, (change or {}).get(key)
+    better = delta < 0 if key == "fgd" else delta > 0
+    shown = interval["significant"] if interval else delta != 0
+    css = "" if not shown or key.startswith("num_") else (' class="up"' if better else ' class="down"')
+    text = f"{delta:+d}" if isinstance(delta, int) else f"{delta:+.4f}"
+    if interval:
+        text += (f' <span class="ci">[{interval["low"]:+.4f}, {interval["high"]:+.4f}]</span>'
+                 + (" *" if interval["significant"] else ""))
+    return f"<td{css}>{text}</td>"
+
+
+def render_metrics_table(heading: str, columns: list[tuple[str, dict]], change: dict | None = None) -> str:
+    """A metric table with 95% intervals; with two columns a third shows the change (green up, red down when its
+    paired interval excludes 0, `change` = {metric: interval}; FGD is better down)."""
     esc = html.escape
     head = "".join(f"<th>{esc(label)}</th>" for label, _ in columns)
     with_change = len(columns) == 2
@@ -378,19 +406,15 @@ def render_metrics_table(heading: str, columns: list[tuple[str, dict]]) -> str:
         values = [metrics.get(key) for _, metrics in columns]
         if all(v is None for v in values) and key != "fgd":
             continue
-        cells = "".join(f"<td>{_format_value(v)}</td>" for v in values)
+        cells = "".join(f"<td>{_with_interval(v, m, key)}</td>" for v, (_, m) in zip(values, columns))
         if with_change:
-            a, b = values
-            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-                delta = b - a
-                better = delta < 0 if key == "fgd" else delta > 0
-                css = "" if delta == 0 or key.startswith("num_") else (' class="up"' if better else ' class="down"')
-                cells += f"<td{css}>{delta:+d}</td>" if isinstance(delta, int) else f"<td{css}>{delta:+.4f}</td>"
-            else:
-                cells += "<td>n/a</td>"
+            cells += _change_cell(key, *values, change)
         body.append(f"<tr><td>{esc(METRIC_LABELS.get(key, key))}</td>{cells}</tr>")
-    notes = "".join(f'<div class="note">{esc(label)}: {esc(m["fgd_note"])}</div>'
-                    for label, m in columns if m.get("fgd_note"))
+    notes = "".join(f'<div class="note">{esc(label)}: {esc(m[k])}</div>'
+                    for k in ("meteor_note", "fgd_note") for label, m in columns if m.get(k))
+    if any(m.get("confidence") for _, m in columns):
+        notes += ('<div class="note">[low, high]: 95% bootstrap interval over images (1000 resamples)'
+                  + ("; * the paired interval of the change excludes 0" if change else "") + "</div>")
     return (f'<div><h3>{esc(heading)}</h3><table class="metrics"><thead><tr><th>metric</th>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>{notes}</div>')
 
@@ -406,10 +430,11 @@ def render_row(row: GalleryRow, roots: list[Path]) -> str:
         base = f'<div class="base">base model: {esc(row.base)}{score}</div>'
     gain = row.cider - row.base_cider if row.base_cider is not None else 0.0
     refs = "".join(f"<li>{esc(ref)}</li>" for ref in row.references)
+    meteor = ("", "") if row.meteor is None else (f' data-meteor="{row.meteor:.6g}"', f'<td class="num">{row.meteor:.3f}</td>')
     return (f'<tr class="row" data-name="{esc(row.name)}" data-cider="{row.cider:.6g}" data-bleu4="{row.bleu_4:.6g}" '
-            f'data-gain="{gain:.6g}"><td>{image}</td><td><div class="name">{esc(row.name)}</div>'
+            f'data-gain="{gain:.6g}"{meteor[0]}><td>{image}</td><td><div class="name">{esc(row.name)}</div>'
             f'<div class="pred">{esc(row.prediction)}</div>{base}</td><td><ul class="refs">{refs}</ul></td>'
-            f'<td class="num">{row.cider:.3f}</td><td class="num">{row.bleu_4:.3f}</td></tr>')
+            f'<td class="num">{row.cider:.3f}</td><td class="num">{row.bleu_4:.3f}</td>{meteor[1]}</tr>')
 
 
 def render_gallery(data: ReportData, roots: list[Path]) -> str:
@@ -418,8 +443,11 @@ def render_gallery(data: ReportData, roots: list[Path]) -> str:
                ("bleu4-asc", "BLEU-4, worst first"), ("bleu4-desc", "BLEU-4, best first"), ("name-asc", "file name")]
     if has_base:
         options.insert(2, ("gain-asc", "CIDEr-D change vs base, most worse first"))
+    has_meteor = bool(data.rows) and all(row.meteor is not None for row in data.rows)
+    if has_meteor:
+        options[-1:-1] = [("meteor-asc", "METEOR, worst first"), ("meteor-desc", "METEOR, best first")]
     select = "".join(f'<option value="{value}">{label}</option>' for value, label in options)
-    rows = "".join(render_row(row, roots) for row in data.rows)
+    rows = "".join(render_row(row if has_meteor else dataclasses.replace(row, meteor=None), roots) for row in data.rows)
     shown = len(data.rows)
     return (f'<h2>Gallery</h2><p class="sub" id="gallery-count">Showing {shown} of {data.num_scored} scored images'
             + (f" (the {GALLERY_WORST} worst and {GALLERY_BEST} best by CIDEr-D, and {GALLERY_RANDOM} at random)"
@@ -431,12 +459,13 @@ def render_gallery(data: ReportData, roots: list[Path]) -> str:
             f'<label>Search <input id="query" type="search" placeholder="caption, reference or file name"></label> '
             f'<span class="note"><span id="visible-count">{shown}</span> rows shown</span></div>'
             f'<table class="gallery"><thead><tr><th>image</th><th>caption</th><th>references</th><th>CIDEr-D</th>'
-            f'<th>BLEU-4</th></tr></thead><tbody id="gallery-body">{rows}</tbody></table>')
+            f'<th>BLEU-4</th>{"<th>METEOR</th>" if has_meteor else ""}</tr></thead><tbody id="gallery-body">{rows}</tbody></table>')
 
 
 def render_report(data: ReportData, roots: list[Path]) -> str:
     esc = html.escape
-    tables = "".join(render_metrics_table(heading, columns) for heading, columns in data.tables)
+    tables = "".join(render_metrics_table(heading, columns, change[0] if change else None)
+                     for heading, columns, *change in data.tables)
     plots = ("<h2>Training</h2>" + '<div class="plots">' + "".join(data.plots) + "</div>"
              '<p class="note">Caption metrics during training: before training at step 0, after training (the model '
              "saved as final_model, i.e. the best checkpoint) at the last step, and at each evaluation in between "
@@ -469,24 +498,44 @@ def _write(path: Path, data: ReportData, roots: list[Path], start: float) -> Pat
 
 def _training_tables(training: dict, heading: str) -> list:
     if training.get("before") and training.get("after"):
-        return [(heading, [("before training", training["before"]), ("after training", training["after"])])]
+        return [(heading, [("before training", training["before"]), ("after training", training["after"])],
+                 training.get("change"))]
     return []
 
 
+def protocol_line(*metric_dicts: dict) -> str:
+    """The report's first line under the title: which tokenization every number here was computed with."""
+    tokenizers = sorted({d.get("caption_tokenizer") for d in metric_dicts if d} - {None})
+    if not tokenizers:
+        return "Scoring protocol: simple (lowercase, ASCII punctuation to spaces; recorded before protocols were named)"
+    text = "Scoring protocol: " + "; ".join(PROTOCOLS.get(t, t) for t in tokenizers)
+    return text + (" (the tables differ in protocol: do not compare them)" if len(tokenizers) > 1 else "")
+
+
 def build_eval_report(run_dir: Path, predictions: dict[str, str], references: dict[str, list[str]],
-                      metrics: dict, info: dict, seed: int = 0) -> ReportData:
-    """The --eval page: its metrics, the run's base captions when they exist, the run's training records."""
+                      metrics: dict, info: dict, seed: int = 0, scores=None) -> ReportData:
+    """The --eval page: its metrics, the run's base captions when they exist, the run's training records.
+
+    scores: the evaluation's utils.evaluation.CaptionScores (per-image METEOR, the base model's metrics and the
+    paired change intervals); without it the per-image and base scores are computed here, without METEOR.
+    """
     run_dir = Path(run_dir)
     base_captions = {name: r["before"] for name, r in read_val_predictions(run_dir / VAL_PREDICTIONS_NAME).items()
                      if r["before"]}
     base = align_names(base_captions, references) if base_captions else {}
-    rows, scores, base_metrics = build_gallery(predictions, references, base, seed)
+    tokenizer = metrics.get("caption_tokenizer", "simple")
+    rows, per_image, base_metrics = build_gallery(predictions, references, base, seed, tokenizer,
+                                                  scores.per_image if scores is not None else None)
+    if scores is not None and scores.baseline is not None:
+        base_metrics = scores.baseline
     label = "this evaluation"
     columns = [("base model", {**base_metrics, "fgd": None}), (label, metrics)] if base_metrics else [(label, metrics)]
     training = read_json(run_dir / "metrics.json")
-    tables = [("Evaluated images", columns)] + _training_tables(training, "Validation images during training")
+    tables = [("Evaluated images", columns, scores.change if scores is not None else None)]
+    tables += _training_tables(training, "Validation images during training")
     source = info.get("model") or info.get("predictions_file") or ""
-    subtitle = [f"--eval of {source}" if source else "--eval",
+    subtitle = [protocol_line(metrics, *(c for t in tables for _, c in t[1])),
+                f"--eval of {source}" if source else "--eval",
                 *(f"{k}: {info[k]}" for k in ("test_dir", "captions_file") if info.get(k)),
                 f"written {datetime.now().isoformat(timespec='seconds')}"]
     notes = []
@@ -494,12 +543,12 @@ def build_eval_report(run_dir: Path, predictions: dict[str, str], references: di
         notes.append("The base model's captions (from val_predictions.csv) cover only some of these images, "
                      "so they are shown without base-model metrics.")
     history = read_train_history(run_dir)
-    return ReportData("Caption report", subtitle, tables, rows, len(scores), build_plots(history, training) if
+    return ReportData("Caption report", subtitle, tables, rows, len(per_image), build_plots(history, training) if
                       (history or training) else [], notes)
 
 
 def write_eval_report(config, predictions: dict[str, str], references: dict[str, list[str]], metrics: dict,
-                      info: dict, images=None) -> Path | None:
+                      info: dict, images=None, scores=None) -> Path | None:
     """OUTPUT_DIR/report.html for --eval; images are looked up under --test_dir, then beside the captions file
     and the predictions file (names such as "test/a.jpg" are relative to the captions file's folder)."""
     start, out = time.perf_counter(), Path(config.output_dir)
@@ -507,24 +556,27 @@ def write_eval_report(config, predictions: dict[str, str], references: dict[str,
                                config.predictions_file and Path(config.predictions_file).parent) if p]
     roots = ([images] if images is not None and hasattr(images, "load") else []) + roots
     try:
-        data = build_eval_report(out, predictions, references, metrics, info, config.seed)
+        data = build_eval_report(out, predictions, references, metrics, info, config.seed, scores)
     except Exception as error:  # noqa: BLE001
         logger.warning("Could not build the HTML report: %s: %s", type(error).__name__, error)
         return None
     return _write(out / REPORT_NAME, data, roots, start)
 
 
-def write_training_report(run_dir: Path, val_dir: Path, references: dict[str, list[str]], seed: int = 0) -> Path | None:
+def write_training_report(run_dir: Path, val_dir: Path, references: dict[str, list[str]], seed: int = 0,
+                          per_image: dict[str, dict] | None = None) -> Path | None:
     """RUN/report.html at the end of --train, from the run's own records: metrics.json, val_predictions.csv and
-    train_history.json."""
+    train_history.json (per_image: the after-training scores already computed, with METEOR)."""
     start, run_dir = time.perf_counter(), Path(run_dir)
     try:
         training = read_json(run_dir / "metrics.json")
         captions = read_val_predictions(run_dir / VAL_PREDICTIONS_NAME)
         after = {name: r["after"] for name, r in captions.items() if name in references}
         before = {name: r["before"] for name, r in captions.items() if name in references and r["before"]}
-        rows, scores, _ = build_gallery(after, references, before, seed)
-        subtitle = [f"--train run {run_dir.name}: validation images of {val_dir}, captioned after training",
+        tokenizer = (training.get("after") or {}).get("caption_tokenizer", "simple")
+        rows, scores, _ = build_gallery(after, references, before, seed, tokenizer, per_image)
+        subtitle = [protocol_line(training.get("before") or {}, training.get("after") or {}),
+                    f"--train run {run_dir.name}: validation images of {val_dir}, captioned after training",
                     f"written {datetime.now().isoformat(timespec='seconds')}"]
         tables = (_training_tables(training, "Validation images")
                   or [("Validation images", [("after training", training.get("after") or {})])])
