@@ -16,7 +16,7 @@ from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
 from pycocoevalcap.cider.cider_scorer import precook as cider_precook
 from scipy import sparse
 
-from utils.java_scorers import meteor_from_stats
+from utils.java_scorers import meteor_from_stats, meteor_summable
 
 LEVEL = 0.95
 RESAMPLES = 1000
@@ -172,13 +172,14 @@ class CorpusStats:
     bleu: np.ndarray  # (n, 10), see bleu_stats
     cider: CiderDStats
     means: dict[str, np.ndarray] = field(default_factory=dict)  # per-image metrics whose corpus value is the mean
-    meteor: np.ndarray | None = None  # (n, 23) METEOR statistics, None when METEOR did not run
+    meteor: np.ndarray | None = None  # (n, 23) METEOR statistics as summed (meteor_summable), None without METEOR
 
     @classmethod
     def build(cls, hypotheses: list[str], references: list[list[str]], means: dict[str, np.ndarray] | None = None,
               meteor: np.ndarray | None = None) -> "CorpusStats":
         return cls(bleu_stats(hypotheses, references), CiderDStats(hypotheses, references),
-                   {k: np.asarray(v, np.float64) for k, v in (means or {}).items()}, meteor)
+                   {k: np.asarray(v, np.float64) for k, v in (means or {}).items()},
+                   None if meteor is None else meteor_summable(meteor))
 
     def metrics(self, weights: np.ndarray) -> dict[str, np.ndarray]:
         """Every corpus metric under each weighting of the images: rows of weights (b, n) -> {metric: (b,)}."""

@@ -22,7 +22,8 @@ from utils.dataset_utils import format_names, warn_names
 from utils.errors import UserInputError
 from utils.hub import check_hub_name
 from utils.java_scorers import (
-    INSTALL_JAVA, JavaError, check_java, compute_meteor, meteor_from_stats, ptb_tokenize, resolve_caption_tokenizer,
+    INSTALL_JAVA, JavaError, check_java, compute_meteor, meteor_from_stats, meteor_summable, ptb_tokenize,
+    resolve_caption_tokenizer,
 )
 from utils.text import normalize_caption
 
@@ -373,7 +374,7 @@ def _meteor(sets: ScoringSets, java: str | None, enabled: bool) -> tuple[list[di
     parts = []
     for k in range(len(systems)):
         stats, segments = result.stats[k * len(names):(k + 1) * len(names)], result.segment_scores[k * len(names):(k + 1) * len(names)]
-        score = result.score if len(systems) == 1 else float(meteor_from_stats(stats.sum(axis=0)))
+        score = result.score if len(systems) == 1 else float(meteor_from_stats(meteor_summable(stats).sum(axis=0)))
         parts.append({"score": score, "segments": dict(zip(names, segments)), "stats": stats})
     return parts, None
 

@@ -34,6 +34,8 @@ TOKENIZERS = ("auto", "ptb", "simple")
 LOCALE_FLAGS = ("-Duser.language=en", "-Duser.country=US", "-Dfile.encoding=UTF-8")
 _PUNCTUATION_TOKENS = frozenset(PUNCTUATIONS)
 STDERR_KEPT = 4000  # characters of a failed process's stderr named in the error
+# METEOR's time limit: its start (the paraphrase table, 10-30 s on two busy cores) plus 20 ms per segment.
+METEOR_TIMEOUT_S = 180
 
 # METEOR 1.5's "-l en" parameters (its startup banner: Parameters 0.85 0.2 0.6 0.75; Weights 1.0 0.6 0.8 0.6
 # for the exact, stem, synonym and paraphrase stages), used to aggregate its statistics in Python.
@@ -191,7 +193,7 @@ def compute_meteor(hypotheses: list[str], references: list[list[str]], java: str
     path = find_java(java)
     if path is None:
         raise JavaError(f"no Java executable {java!r} found")
-    timeout = timeout if timeout is not None else 180 + len(hypotheses) / 50
+    timeout = timeout if timeout is not None else METEOR_TIMEOUT_S + len(hypotheses) / 50
     score_lines = ["SCORE ||| " + " ||| ".join([*(clean_meteor_text(r) for r in refs), clean_meteor_text(hyp)])
                    for hyp, refs in zip(hypotheses, references)]
     cmd = [path, f"-Xmx{meteor_heap()}", *LOCALE_FLAGS, "-jar", str(METEOR_JAR), "-", "-", "-stdio", "-l", "en", "-norm"]
@@ -214,14 +216,27 @@ def _parse_numbers(line: str, count: int) -> list[float]:
     return numbers
 
 
-def meteor_from_stats(stats: np.ndarray) -> np.ndarray:
-    """METEOR's score from (summed) statistics, as MeteorScorer.computeMetrics does it; stats (..., 23).
+def _complete(stats: np.ndarray) -> np.ndarray:
+    """Segments (or sums) whose every word matched, in a single chunk: METEOR gives them no fragmentation."""
+    stages = stats[..., 4:20].reshape(*stats.shape[:-1], 4, 4)  # stage x (test content, ref content, test fn, ref fn)
+    return (((stages[..., 0] + stages[..., 2]).sum(-1) == stats[..., 0])
+            & ((stages[..., 1] + stages[..., 3]).sum(-1) == stats[..., 1]) & (stats[..., 20] == 1))
 
-    Summing the rows of several segments and scoring the sum is what METEOR's EVAL does for a corpus.
-    """
+
+def meteor_summable(stats: np.ndarray) -> np.ndarray:
+    """Per-segment statistics as METEOR's EVAL sums them (MeteorStats.addStats): a complete segment adds no chunk.
+    The corpus score is meteor_from_stats of the sum of these rows."""
+    stats = np.array(stats, np.float64)
+    stats[..., 20] = np.where(_complete(stats), 0.0, stats[..., 20])
+    return stats
+
+
+def meteor_from_stats(stats: np.ndarray) -> np.ndarray:
+    """METEOR's score from statistics (..., 23), as MeteorScorer.computeMetrics does it: of one segment, or of a
+    corpus from the sum of its meteor_summable rows."""
     stats = np.asarray(stats, np.float64)
     test_len, ref_len, test_fn, ref_fn = (stats[..., i] for i in range(4))
-    stages = stats[..., 4:20].reshape(*stats.shape[:-1], 4, 4)  # stage x (test content, ref content, test fn, ref fn)
+    stages = stats[..., 4:20].reshape(*stats.shape[:-1], 4, 4)
     chunks, test_words, ref_words = stats[..., 20], stats[..., 21], stats[..., 22]
     d = METEOR_DELTA
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -230,9 +245,7 @@ def meteor_from_stats(stats: np.ndarray) -> np.ndarray:
         precision = test_weighted / (d * (test_len - test_fn) + (1 - d) * test_fn)
         recall = ref_weighted / (d * (ref_len - ref_fn) + (1 - d) * ref_fn)
         f_mean = 1.0 / ((1 - METEOR_ALPHA) / precision + METEOR_ALPHA / recall)
-        complete = ((stages[..., 0] + stages[..., 2]).sum(-1) == test_len) & (
-            (stages[..., 1] + stages[..., 3]).sum(-1) == ref_len) & (chunks == 1)
-        frag = np.where(complete, 0.0, chunks / ((test_words + ref_words) / 2))
+        frag = np.where(_complete(stats), 0.0, chunks / ((test_words + ref_words) / 2))
         score = f_mean * (1 - METEOR_GAMMA * frag**METEOR_BETA)
     return np.where(np.isnan(score), 0.0, np.maximum(score, 0.0))
 
