@@ -233,6 +233,27 @@ def test_eval_cli_writes_protocol_meteor_intervals_and_report_column(java, tmp_p
     assert 'value="meteor-asc"' in page and "<th>METEOR</th>" in page and 'class="ci"' in page
 
 
+def test_training_validates_with_the_resolved_protocol(java, tmp_path, train_cmd):
+    args = train_cmd(tmp_path, "ptb", "--max_steps", "2", "--eval_steps", "2", "--learning_rate", "2e-2",
+                     "--metric_for_best_model", "meteor", "--java", java)
+    assert main(args) == 0
+    run = tmp_path / "ptb"
+    assert json.loads((run / "run_config.json").read_text())["caption_tokenizer"] == "ptb"  # auto, resolved once
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["caption_tokenizer"] == "ptb"
+    for side in ("before", "after"):
+        assert metrics[side]["caption_tokenizer"] == "ptb" and 0 <= metrics[side]["meteor"] <= 1
+        assert set(metrics[side]["confidence"]) == {"bleu_4", "meteor", "rouge_l", "cider"}
+    for key, change in metrics["change"].items():
+        assert change["value"] == pytest.approx(metrics["after"][key] - metrics["before"][key], abs=1e-9), key
+        assert change["low"] <= change["high"] and change["significant"] == (change["low"] > 0 or change["high"] < 0)
+    state = json.loads(next((run / "checkpoints").glob("checkpoint-*/trainer_state.json")).read_text())
+    evals = [e for e in state["log_history"] if "eval_meteor" in e]
+    assert evals and state["best_metric"] == pytest.approx(evals[-1]["eval_meteor"])
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "Scoring protocol: ptb" in page and "data-meteor=" in page
+
+
 # ---------------------------------------------------------------------------
 # Bootstrap intervals (no Java)
 # ---------------------------------------------------------------------------
