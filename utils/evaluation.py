@@ -7,6 +7,7 @@ import logging
 import math
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -379,20 +380,31 @@ def _meteor(sets: ScoringSets, java: str | None, enabled: bool) -> tuple[list[di
     return parts, None
 
 
-def _score_one(hypotheses: dict[str, str], refs: dict[str, list[str]], meteor: dict | None, meteor_note: str | None,
-               extra: dict[str, dict[str, float]] | None) -> tuple[dict, dict, CorpusStats]:
-    """The metrics dict, per-image scores and bootstrap statistics of one prediction set."""
+def _score_ngrams(hypotheses: dict[str, str], refs: dict[str, list[str]],
+                  extra: dict[str, dict[str, float]] | None) -> tuple[dict, dict, CorpusStats]:
+    """The metrics dict, per-image scores and bootstrap statistics of one prediction set, METEOR aside."""
     metrics, per_image = _ngram_metrics(hypotheses, refs)
-    metrics.update(meteor=meteor["score"] if meteor else None, meteor_note=meteor_note, spice=None, spice_note=SPICE_NOTE)
+    metrics.update(spice=None, spice_note=SPICE_NOTE)
     names = list(hypotheses)
-    if meteor:
-        for name in names:
-            per_image[name]["meteor"] = meteor["segments"][name]
     means = {"rouge_l": [per_image[n]["rouge_l"] for n in names]}
     means.update({key: [values[n] for n in names] for key, values in (extra or {}).items() if set(names) <= set(values)})
-    stats = CorpusStats.build(list(hypotheses.values()), [refs[n] for n in names], means,
-                              meteor["stats"] if meteor else None)
-    return metrics, per_image, stats
+    return metrics, per_image, CorpusStats.build(list(hypotheses.values()), [refs[n] for n in names], means)
+
+
+def _add_meteor(scored: tuple[dict, dict, CorpusStats], meteor: dict | None, note: str | None) -> None:
+    metrics, per_image, stats = scored
+    metrics.update(meteor=meteor["score"] if meteor else None, meteor_note=note)
+    if meteor:
+        for name, score in meteor["segments"].items():
+            per_image[name]["meteor"] = score
+        stats.meteor = meteor_summable(meteor["stats"])
+
+
+def _fgd(sets: ScoringSets, fgd_model: str | None, device) -> dict:
+    if fgd_model is None:
+        return {"fgd": None, "fgd_note": "FGD disabled (no text encoder given)."}
+    all_refs = [caption for name in sets.hypotheses for caption in sets.references[name]]
+    return compute_fgd(list(sets.hypotheses.values()), all_refs, fgd_model, device)
 
 
 @dataclass
@@ -434,28 +446,29 @@ def evaluate_captions(
         baseline = None
     # Tokenized once, so the n-gram metrics, METEOR and FGD see the same images and the same text.
     sets = _build_scoring_sets(predictions, references, tokenizer, java, baseline)
-    meteor_parts, meteor_note = _meteor(sets, java, meteor)
-    metrics, per_image, stats = _score_one(sets.hypotheses, sets.references, meteor_parts and meteor_parts[0],
-                                           meteor_note, extra_per_image)
-    metrics["caption_tokenizer"] = tokenizer
-    if fgd_model is None:
-        metrics.update(fgd=None, fgd_note="FGD disabled (no text encoder given).")
-    else:
-        all_refs = [caption for name in sets.hypotheses for caption in sets.references[name]]
-        metrics.update(compute_fgd(list(sets.hypotheses.values()), all_refs, fgd_model, device))
+    systems = [(sets.hypotheses, extra_per_image)]
+    systems += [(sets.baseline, baseline_extra_per_image)] if sets.baseline is not None else []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # METEOR's Java start (10-30 s: its paraphrase table) runs while Python computes everything else.
+        pending = pool.submit(_meteor, sets, java, meteor)
+        scored = [_score_ngrams(hypotheses, sets.references, extra) for hypotheses, extra in systems]
+        fgd = _fgd(sets, fgd_model, device)
+        meteor_parts, meteor_note = pending.result()
+    for k, part in enumerate(scored):
+        _add_meteor(part, meteor_parts[k] if meteor_parts else None, meteor_note)
+        part[0]["caption_tokenizer"] = tokenizer
+    (metrics, per_image, stats), base = scored[0], scored[1] if len(scored) > 1 else None
+    metrics.update(fgd)
     if resamples:
         metrics["confidence"] = bootstrap_intervals(stats, resamples, seed)
-    if sets.baseline is None:
+    if base is None:
         return CaptionScores(metrics, per_image)
-    base_metrics, base_per_image, base_stats = _score_one(sets.baseline, sets.references,
-                                                          meteor_parts and meteor_parts[1], meteor_note,
-                                                          baseline_extra_per_image)
-    base_metrics.update(caption_tokenizer=tokenizer, fgd=None, fgd_note="FGD not computed for the baseline.")
+    base[0].update(fgd=None, fgd_note="FGD not computed for the baseline.")
     change = None
     if resamples:
-        base_metrics["confidence"] = bootstrap_intervals(base_stats, resamples, seed)
-        change = paired_change_intervals(base_stats, stats, resamples, seed)
-    return CaptionScores(metrics, per_image, base_metrics, base_per_image, change)
+        base[0]["confidence"] = bootstrap_intervals(base[2], resamples, seed)
+        change = paired_change_intervals(base[2], stats, resamples, seed)
+    return CaptionScores(metrics, per_image, base[0], base[1], change)
 
 
 def score_captions(predictions: dict[str, str], references: dict[str, list[str]],
