@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
 from pycocoevalcap.cider.cider_scorer import precook as cider_precook
 from scipy import sparse
 
@@ -38,18 +37,32 @@ def resample_counts(n: int, resamples: int = RESAMPLES, seed: int = 0) -> np.nda
 # ---------------------------------------------------------------------------
 
 
-def bleu_stats(hypotheses: list[str], references: list[list[str]]) -> np.ndarray:
+def bleu_stats(hypotheses: list[str], references: list[list[str]], counts=None) -> np.ndarray:
     """(n, 10) per image: hypothesis length, closest reference length, guessed 1..4-grams, clipped correct 1..4-grams.
 
-    Cooked by pycocoevalcap's own bleu_scorer functions; the closest length is BleuScorer's 'closest' option.
+    As pycocoevalcap's bleu_scorer cook_refs / cook_test count them (the closest length is BleuScorer's 'closest'
+    option), from the n-gram counts CIDEr-D needs too (counts: (hypothesis counts, reference counts), else made here).
     """
+    hyp_counts, ref_counts = counts or _ngram_counts(hypotheses, references)
     rows = []
-    for hyp, refs in zip(hypotheses, references):
-        comps = cook_test(hyp, cook_refs(refs))
-        testlen = comps["testlen"]
-        reflen = min((abs(length - testlen), length) for length in comps["reflen"])[1]
-        rows.append([testlen, reflen, *comps["guess"], *comps["correct"]])
+    for hyp, refs, hyp_grams, ref_grams in zip(hypotheses, references, hyp_counts, ref_counts):
+        testlen = len(hyp.split())
+        reflen = min((abs(len(r.split()) - testlen), len(r.split())) for r in refs)[1]
+        clip: dict[tuple, int] = {}
+        for grams in ref_grams:
+            for g, count in grams.items():
+                clip[g] = max(clip.get(g, 0), count)
+        correct = [0] * CIDER_N
+        for g, count in hyp_grams.items():
+            correct[len(g) - 1] += min(clip.get(g, 0), count)
+        rows.append([testlen, reflen, *(max(0, testlen - k + 1) for k in range(1, CIDER_N + 1)), *correct])
     return np.array(rows, np.float64).reshape(len(rows), 10)
+
+
+def _ngram_counts(hypotheses: list[str], references: list[list[str]]) -> tuple[list, list]:
+    """1..4-gram counts of every hypothesis and reference (pycocoevalcap's precook: split on whitespace)."""
+    return ([cider_precook(h, CIDER_N) for h in hypotheses],
+            [[cider_precook(r, CIDER_N) for r in refs] for refs in references])
 
 
 def bleu4_from_stats(summed: np.ndarray) -> np.ndarray:
@@ -73,26 +86,22 @@ class CiderDStats:
     resample) is scored by matrix products: document frequencies, tf-idf norms and clipped overlaps are all linear
     in the squared idf weights of the n-grams."""
 
-    def __init__(self, hypotheses: list[str], references: list[list[str]]):
+    def __init__(self, hypotheses: list[str], references: list[list[str]], counts=None):
         index: dict[tuple, int] = {}
-        hyp_counts = [cider_precook(h, CIDER_N) for h in hypotheses]
-        ref_counts = [[cider_precook(r, CIDER_N) for r in refs] for refs in references]
-        df_rows, df_cols, a, r_, h = [], [], ([], [], []), ([], [], []), ([], [], [])
+        hyp_counts, ref_counts = counts or _ngram_counts(hypotheses, references)
+        df_rows, df_cols, a, r_, h = [], [], [], [], []  # a, r_, h: (row, n-gram, value) of three matrices
         pairs_image, penalty = [], []
         for i, (hyp, refs) in enumerate(zip(hyp_counts, ref_counts)):
             seen = {index.setdefault(g, len(index)) for ref in refs for g in ref}
             df_rows += [i] * len(seen)
             df_cols += sorted(seen)
-            for g, tf in hyp.items():
-                _append(h, CIDER_N * i + len(g) - 1, index.setdefault(g, len(index)), tf * tf)
+            h += [(CIDER_N * i + len(g) - 1, index.setdefault(g, len(index)), tf * tf) for g, tf in hyp.items()]
             hyp_len = sum(tf for g, tf in hyp.items() if len(g) == 2)  # pycocoevalcap's "length": bigram count
             for ref in refs:
                 pair = len(pairs_image)
                 pairs_image.append(i)
-                for g, tf in ref.items():
-                    _append(r_, CIDER_N * pair + len(g) - 1, index[g], tf * tf)
-                    if g in hyp:
-                        _append(a, CIDER_N * pair + len(g) - 1, index[g], min(hyp[g], tf) * tf)
+                r_ += [(CIDER_N * pair + len(g) - 1, index[g], tf * tf) for g, tf in ref.items()]
+                a += [(CIDER_N * pair + len(g) - 1, index[g], min(hyp[g], tf) * tf) for g, tf in ref.items() if g in hyp]
                 ref_len = sum(tf for g, tf in ref.items() if len(g) == 2)
                 penalty.append(np.exp(-((hyp_len - ref_len) ** 2) / (2 * CIDER_SIGMA**2)))
         n, pairs, grams = len(hypotheses), len(pairs_image), len(index)
@@ -150,14 +159,9 @@ class CiderDStats:
         return (self.per_image(weights) * weights.T).sum(axis=0) / weights.sum(axis=1)
 
 
-def _append(triplets, row: int, col: int, value: float) -> None:
-    triplets[0].append(row)
-    triplets[1].append(col)
-    triplets[2].append(value)
-
-
-def _matrix(triplets, rows: int, cols: int) -> sparse.csr_matrix:
-    return sparse.csr_matrix((np.asarray(triplets[2], np.float64), (triplets[0], triplets[1])), shape=(rows, cols))
+def _matrix(triplets: list[tuple], rows: int, cols: int) -> sparse.csr_matrix:
+    data = np.array(triplets, np.float64).reshape(-1, 3)
+    return sparse.csr_matrix((data[:, 2], (data[:, 0].astype(np.int64), data[:, 1].astype(np.int64))), shape=(rows, cols))
 
 
 # ---------------------------------------------------------------------------
@@ -177,7 +181,8 @@ class CorpusStats:
     @classmethod
     def build(cls, hypotheses: list[str], references: list[list[str]], means: dict[str, np.ndarray] | None = None,
               meteor: np.ndarray | None = None) -> "CorpusStats":
-        return cls(bleu_stats(hypotheses, references), CiderDStats(hypotheses, references),
+        counts = _ngram_counts(hypotheses, references)
+        return cls(bleu_stats(hypotheses, references, counts), CiderDStats(hypotheses, references, counts),
                    {k: np.asarray(v, np.float64) for k, v in (means or {}).items()},
                    None if meteor is None else meteor_summable(meteor))
 
