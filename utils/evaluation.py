@@ -368,13 +368,15 @@ def _meteor(sets: ScoringSets, java: str | None, enabled: bool) -> tuple[list[di
     names = list(sets.hypotheses)
     systems = [sets.hypotheses] + ([sets.baseline] if sets.baseline is not None else [])
     try:
-        result = compute_meteor([s[n] for s in systems for n in names], [sets.references[n] for _ in systems for n in names], java)
+        result = compute_meteor([s[n] for s in systems for n in names],
+                                [sets.references[n] for _ in systems for n in names], java)
     except JavaError as error:
         logger.warning("METEOR skipped: %s", error)
         return None, f"METEOR not computed: {error}. The other metrics are still valid."
     parts = []
     for k in range(len(systems)):
-        stats, segments = result.stats[k * len(names):(k + 1) * len(names)], result.segment_scores[k * len(names):(k + 1) * len(names)]
+        part = slice(k * len(names), (k + 1) * len(names))
+        stats, segments = result.stats[part], result.segment_scores[part]
         score = result.score if len(systems) == 1 else float(meteor_from_stats(meteor_summable(stats).sum(axis=0)))
         parts.append({"score": score, "segments": dict(zip(names, segments)), "stats": stats})
     return parts, None
