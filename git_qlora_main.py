@@ -94,7 +94,7 @@ def _training_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval_steps", type=int, help="validate and checkpoint every N steps (default: once per epoch)")
     g.add_argument("--logging_steps", type=int, help="log the training loss every N steps")
     g.add_argument("--save_total_limit", type=int, help="checkpoints kept (the best one is always kept)")
-    g.add_argument("--metric_for_best_model", help="what picks the best checkpoint and drives --early_stopping_patience: loss (validation loss) or a caption metric such as cider, bleu_4")
+    g.add_argument("--metric_for_best_model", help="what picks the best checkpoint and drives --early_stopping_patience: loss (validation loss) or a caption metric such as cider, bleu_4, meteor")
     g.add_argument("--num_workers", type=int, help="image-decoding worker processes")
     g.add_argument("--resume", action="store_true", help="--train: continue the run (--run_name, default the newest) from its last checkpoint; --inference --test_dir: caption only the images an interrupted job left")
     g.add_argument("--cache_image_features", help="auto (on when the vision tower is frozen and the cache fits), on or off: encode each image once and train on the cached features")
@@ -113,6 +113,8 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--merge_dtype", help="auto (float32 on the CPU, the training dtype on a GPU), float32, float16, bfloat16")
     g.add_argument("--demo_scale", type=float, help="shrink the demo (0..1] for a quick check")
     g.add_argument("--clip_model", help="CLIP model for CLIPScore / RefCLIPScore in --eval (hub id or folder); 'none' skips it")
+    g.add_argument("--caption_tokenizer", help="how captions are tokenized for scoring: ptb (Stanford PTBTokenizer, the COCO protocol; needs Java), simple (lowercase, ASCII punctuation removed) or auto (ptb when Java runs)")
+    g.add_argument("--java", help="Java executable for the PTBTokenizer and METEOR; 'none' scores without Java (simple tokenizer, no METEOR)")
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -161,6 +163,8 @@ def build_config(args: argparse.Namespace) -> Config:
         values["clip_model"] = None
     if values["captions_file"] is not None and str(values["captions_file"]).lower() == "none":
         values["captions_file"], values["reference_free"] = None, True  # score without references (--eval)
+    if values["java"] is not None and values["java"].lower() in ("none", ""):
+        values["java"] = None
     if values["output_dir"] is None:
         values["output_dir"] = Path("results/demo") if args.mode == "demo" else Path("results")
     if values["model_name"] is None and args.mode == "train":

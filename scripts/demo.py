@@ -215,7 +215,7 @@ def format_report(report: dict) -> str:
     from utils.evaluation import format_metrics_table
 
     lines = ["", "Demo: base model before vs after QLoRA fine-tuning, on the held-out test pictures",
-             format_metrics_table(report["before"], report["after"]), "",
+             format_metrics_table(report["before"], report["after"], change=report["after"].get("change")), "",
              "distinct captions: {before} before, {after} after, of {test_images} pictures".format(**report["distinct_captions"]), "",
              "seconds per stage:"]
     lines += [f"  {name:<14} {seconds:8.1f}" for name, seconds in report["seconds"].items()]

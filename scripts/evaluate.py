@@ -15,10 +15,12 @@ from scripts.report import VAL_PREDICTIONS_NAME, read_val_predictions, write_eva
 from utils import distributed
 from utils.caption_stats import caption_statistics, collapse_warning, format_caption_stats
 from utils.clip_score import compute_clip_scores, embed_image_source, try_load_clip
+from utils.confidence import mean_intervals, paired_mean_changes
 from utils.dataset_utils import collect_examples, list_images, read_captions_file, read_folder_metadata, warn_names
 from utils.errors import UserInputError
-from utils.evaluation import METRIC_KEYS, align_names, format_metrics_table, score_captions
+from utils.evaluation import METRIC_KEYS, align_names, evaluate_captions, format_metrics_table
 from utils.io import read_predictions_file, read_split_names, write_json_atomic, write_predictions_csv
+from utils.java_scorers import resolve_caption_tokenizer
 from utils.run_lock import lock_folder
 
 logger = logging.getLogger(__name__)
@@ -134,6 +136,9 @@ def run_evaluation(config) -> int:
     """--eval: score a run's (or a base model's) captions of --test_dir, or an existing --predictions_file."""
     distributed.on_main_process(Path(config.output_dir).mkdir, parents=True, exist_ok=True)
     lock_folder(config.output_dir, "--output_dir")  # eval_results.json and eval_predictions.csv go there
+    # Resolved once, before any captioning: ptb without Java fails in seconds, and auto warns once.
+    tokenizer = distributed.run_on_main(lambda: resolve_caption_tokenizer(config.caption_tokenizer, config.java))
+    config = config.replace(caption_tokenizer=tokenizer)
     if config.predictions_file is not None:
         inputs = _read_predictions(config)
         return distributed.on_main_process(_score_and_write, config, inputs, None, None) or 0
@@ -199,53 +204,72 @@ def _statistics(predictions: dict[str, str], training_captions, training_note) -
     return {"caption_stats": stats, "collapse_warning": collapse_warning(stats)}
 
 
-def _base_comparison(config, inputs: EvalInputs, embedder, clip_note, training) -> dict:
-    """The base model's captions of the same images (RUN/val_predictions.csv, 'before'), scored alike, when the run
-    holds them for every evaluated image; else a note saying there are none."""
+def _base_captions(config, predictions: dict[str, str]) -> tuple[dict[str, str] | None, str | None]:
+    """(the run's base-model captions of exactly these images, None), or (None, why there are none): the 'before'
+    column of RUN/val_predictions.csv, keyed like the predictions."""
     run_dir = Path(config.output_dir)
     if not (run_dir / "run_config.json").is_file():
-        return {"base_model": None, "base_model_note": "Not a training run: no base-model captions to compare with."}
+        return None, "Not a training run: no base-model captions to compare with."
     before = {name: r["before"] for name, r in read_val_predictions(run_dir / VAL_PREDICTIONS_NAME).items() if r["before"]}
-    base = align_names(before, {name: [] for name in inputs.predictions})
-    base = {name: caption for name, caption in base.items() if name in inputs.predictions}
-    if not inputs.predictions or set(base) != set(inputs.predictions):
-        return {"base_model": None, "base_model_note": (
-            f"The run has no base-model captions of these images ({VAL_PREDICTIONS_NAME} holds {len(before)} validation "
-            f"images of training, {len(base)} of the {len(inputs.predictions)} evaluated here).")}
-    clip, per_image = _clip_metrics(config, inputs, embedder, clip_note, base)
-    base_model = {**clip, **_statistics(base, *training), "num_images": len(base), "per_image": per_image}
-    return {"base_model": base_model, "base_model_note": None}
+    base = align_names(before, {name: [] for name in predictions})
+    base = {name: caption for name, caption in base.items() if name in predictions}
+    if not predictions or set(base) != set(predictions):
+        return None, (f"The run has no base-model captions of these images ({VAL_PREDICTIONS_NAME} holds {len(before)} "
+                      f"validation images of training, {len(base)} of the {len(predictions)} evaluated here).")
+    return base, None
 
 
-def _score(config, inputs: EvalInputs, embedder, clip_note) -> dict:
-    """Every number of eval_results.json: metrics (n-gram ones null without references), CLIP-S, statistics, base."""
+def _reference_metrics(config, inputs: EvalInputs, base, per_image: dict, base_per_image: dict):
+    """(metrics, the base's metrics, paired change, CaptionScores): n-gram metrics, METEOR and FGD with intervals
+    when there are references; CLIP-S intervals alone (and their paired change) when there are none."""
     if inputs.references:
-        metrics = score_captions(inputs.predictions, inputs.references, config.fgd_model, resolve_device())
-        metrics["references_note"] = None
-    else:
-        if not inputs.predictions:
-            raise UserInputError("--eval: there is no caption to score (no image could be read); see the warnings above.")
-        metrics = {**{key: None for key in METRIC_KEYS}, "num_images": len(inputs.predictions), "num_references": 0,
-                   "fgd_note": None, "references_note": NO_REFERENCES_NOTE}
+        scores = evaluate_captions(inputs.predictions, inputs.references, config.fgd_model, resolve_device(),
+                                   caption_tokenizer=config.caption_tokenizer, java=config.java, baseline=base,
+                                   extra_per_image=per_image, baseline_extra_per_image=base_per_image or None,
+                                   seed=config.seed)
+        return {**scores.metrics, "references_note": None}, scores.baseline, scores.change, scores
+    if not inputs.predictions:
+        raise UserInputError("--eval: there is no caption to score (no image could be read); see the warnings above.")
+    metrics = {**{key: None for key in METRIC_KEYS}, "num_images": len(inputs.predictions), "num_references": 0,
+               "fgd_note": None, "references_note": NO_REFERENCES_NOTE, "caption_tokenizer": config.caption_tokenizer}
+    names = sorted(inputs.predictions)
+    complete = {k: [v[n] for n in names] for k, v in per_image.items() if set(names) <= set(v)}
+    metrics["confidence"] = mean_intervals(complete, seed=config.seed)
+    change = None
+    if base_per_image:
+        before = {k: [v[n] for n in names] for k, v in base_per_image.items() if set(names) <= set(v)}
+        change = paired_mean_changes(before, complete, seed=config.seed) or None
+    return metrics, None, change, None
+
+
+def _score(config, inputs: EvalInputs, embedder, clip_note) -> tuple[dict, object]:
+    """Every number of eval_results.json (n-gram metrics null without references, CLIP-S, statistics, the base
+    model's captions of the same images with the paired change), and the CaptionScores behind the metrics."""
     clip, per_image = _clip_metrics(config, inputs, embedder, clip_note)
+    base, base_note = _base_captions(config, inputs.predictions)
+    base_clip, base_per_image = _clip_metrics(config, inputs, embedder, clip_note, base) if base else ({}, {})
+    metrics, base_metrics, change, scores = _reference_metrics(config, inputs, base, per_image, base_per_image)
     training = load_training_captions(Path(config.output_dir))  # logs what it reads, like --train did
     results = {**metrics, **clip, **_statistics(inputs.predictions, *training)}
-    results.update(_base_comparison(config, inputs, embedder, clip_note, training))
-    return {**results, "per_image": per_image}
+    if base is None:
+        results.update(base_model=None, base_model_note=base_note)
+    else:
+        results.update(base_model={**(base_metrics or {}), **base_clip, **_statistics(base, *training),
+                                   "num_images": len(base), "per_image": base_per_image},
+                       base_model_note=None, change=change)
+    return {**results, "per_image": per_image}, scores
 
 
 def _print_results(results: dict) -> None:
-    print(format_metrics_table({k: v for k, v in results.items() if k != "clip_images"}))
+    table = {k: v for k, v in results.items() if k not in ("clip_images", "base_model", "change", "per_image")}
+    print(format_metrics_table(table))
     base = results.get("base_model")
+    if base:
+        print("\nThe base model's captions of the same images (the run's val_predictions.csv) vs this evaluation:")
+        print(format_metrics_table({k: v for k, v in base.items() if k not in ("clip_images", "per_image")}, table,
+                                   results.get("change")))
     print(format_caption_stats(base["caption_stats"], results["caption_stats"], ("base model", "this evaluation"))
           if base else format_caption_stats(results["caption_stats"]))
-    if base:
-        def number(value):
-            return "n/a" if value is None else f"{value:.4f}"
-
-        print(f"base model on the same images: CLIP-S {number(base['clip_score'])} (this evaluation "
-              f"{number(results['clip_score'])}), RefCLIP-S {number(base['ref_clip_score'])} "
-              f"({number(results['ref_clip_score'])})")
     for key in ("references_note", "clip_note", "base_model_note"):
         if results.get(key):
             print(f"note: {results[key]}")
@@ -255,13 +279,14 @@ def _print_results(results: dict) -> None:
 
 
 def _score_and_write(config, inputs: EvalInputs, embedder, clip_note) -> int:
-    results = _score(config, inputs, embedder, clip_note)
+    results, scores = _score(config, inputs, embedder, clip_note)
     inputs.info["captions_file"] = str(config.captions_file) if config.captions_file else None
     inputs.info["clip_model"] = config.clip_model
+    inputs.info["caption_tokenizer"] = results["caption_tokenizer"]
     target = Path(config.output_dir) / "eval_results.json"
     write_json_atomic(target, {**results, "settings": inputs.info})
     _print_results(results)
     logger.info("Wrote %s", target)
     # logs a warning if it fails, never raises
-    write_eval_report(config, inputs.predictions, inputs.references, results, inputs.info, inputs.images)
+    write_eval_report(config, inputs.predictions, inputs.references, results, inputs.info, inputs.images, scores=scores)
     return 0

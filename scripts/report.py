@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import html
 import io
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from utils.dataset_utils import load_image, read_text
-from utils.evaluation import METRIC_KEYS, align_names, compute_caption_metrics, compute_per_image_scores
+from utils.evaluation import PROTOCOLS, align_names, compute_caption_metrics, compute_per_image_scores
 from utils.io import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -30,13 +31,13 @@ HISTORY_NAME = "train_history.json"  # the Trainer's log_history at the end of -
 GALLERY_WORST, GALLERY_BEST, GALLERY_RANDOM = 100, 100, 50
 THUMBNAIL_PX = 128  # longest side of an embedded thumbnail
 JPEG_QUALITY = 80
-TABLE_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "rouge_1", "rouge_2", "fgd",
+TABLE_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "rouge_1", "rouge_2", "fgd",
               "clip_score", "ref_clip_score", "num_images", "num_references")
 # Caption statistics (utils/caption_stats.py), shown in their own table.
 STAT_LABELS = {"num_distinct_captions": "distinct captions", "distinct_caption_share": "share of distinct captions",
                "distinct_1": "distinct-1", "distinct_2": "distinct-2", "vocabulary_size": "vocabulary (words)",
                "mean_caption_length": "mean length (words)", "copied_from_training": "copied from training captions"}
-METRIC_LABELS = {"bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4",
+METRIC_LABELS = {"bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4", "meteor": "METEOR", "spice": "SPICE",
                  "rouge_l": "ROUGE-L", "cider": "CIDEr-D", "rouge_1": "ROUGE-1", "rouge_2": "ROUGE-2",
                  "fgd": "FGD (lower is better)", "num_images": "images", "num_references": "references",
                  "clip_score": "CLIP-S", "ref_clip_score": "RefCLIP-S", **STAT_LABELS}
@@ -133,6 +134,7 @@ class GalleryRow:
     base_cider: float | None = None
     clip_score: float | None = None  # CLIP-S (utils/clip_score.py), when computed
     base_clip_score: float | None = None
+    meteor: float | None = None  # METEOR of the caption, when METEOR ran
 
 
 @dataclass
@@ -141,7 +143,7 @@ class ReportData:
 
     title: str
     subtitle: list[str]
-    tables: list[tuple[str, list[tuple[str, dict]]]]  # (heading, [(column label, metrics)])
+    tables: list[tuple]  # (heading, [(column label, metrics)]) or (heading, columns, {metric: change interval})
     rows: list[GalleryRow]
     num_scored: int
     plots: list[str] = field(default_factory=list)  # inline SVG
@@ -149,25 +151,29 @@ class ReportData:
 
 
 def build_gallery(predictions: dict[str, str], references: dict[str, list[str]],
-                  base: dict[str, str] | None = None, seed: int = 0,
+                  base: dict[str, str] | None = None, seed: int = 0, caption_tokenizer: str = "auto",
+                  scores: dict[str, dict] | None = None,
                   clip_scores: dict[str, float] | None = None) -> tuple[list[GalleryRow], dict[str, dict], dict | None]:
     """Rows to show (worst CIDEr-D first), every image's scores, and the base model's metrics on the same images.
 
     The base model's scores are computed only when it captioned every scored image, so both use the same
-    CIDEr-D document frequencies and are comparable. Without references the rows are ranked by CLIP-S.
+    CIDEr-D document frequencies and are comparable. `scores`: per-image scores already computed (with METEOR,
+    by evaluate_captions); all use the evaluation's caption_tokenizer. Without references the rows are ranked by CLIP-S.
     """
     clip_scores = clip_scores or {}
     if not references:
         return _reference_free_gallery(predictions, base or {}, clip_scores, seed), {n: {} for n in predictions}, None
-    scores = compute_per_image_scores(predictions, references)
+    scores = scores or compute_per_image_scores(predictions, references, caption_tokenizer)
     base = {name: caption for name, caption in (base or {}).items() if name in scores}
     base_scores, base_metrics = {}, None
     if base and set(base) == set(scores):
-        base_scores = compute_per_image_scores(base, references)
-        base_metrics = compute_caption_metrics(base, {name: references[name] for name in base})
+        base_scores = compute_per_image_scores(base, references, caption_tokenizer)
+        base_metrics = compute_caption_metrics(base, {name: references[name] for name in base}, caption_tokenizer)
     shown = select_gallery({name: s["cider"] for name, s in scores.items()}, seed=seed)
     rows = [GalleryRow(name, predictions[name], list(references[name]), scores[name]["cider"], scores[name]["bleu_4"],
-                       base.get(name), base_scores.get(name, {}).get("cider"), clip_scores.get(name)) for name in shown]
+                       base.get(name), base_scores.get(name, {}).get("cider"), clip_scores.get(name),
+                       meteor=scores[name].get("meteor"))
+            for name in shown]
     return rows, scores, base_metrics
 
 
@@ -375,7 +381,7 @@ img.thumb{display:block;border-radius:3px;background:#f4f4f4}
 .missing{width:96px;height:96px;display:flex;align-items:center;justify-content:center;background:#f4f4f4;
   color:#999;font-size:11px;text-align:center}
 .name{font-family:ui-monospace,monospace;font-size:12px;color:#555;word-break:break-all}
-.pred{font-weight:600} .base{color:#666;margin-top:4px} .refs{margin:0;padding-left:16px;color:#444}
+.ci{color:#888;font-size:12px} .pred{font-weight:600} .base{color:#666;margin-top:4px} .refs{margin:0;padding-left:16px;color:#444}
 """
 
 SCRIPT = """
@@ -425,8 +431,31 @@ def _format_value(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
 
 
-def render_metrics_table(heading: str, columns: list[tuple[str, dict]]) -> str:
-    """A metric table; with two columns a third shows the change (green up, red down; FGD is better down)."""
+def _with_interval(value, metrics: dict, key: str) -> str:
+    interval = (metrics.get("confidence") or {}).get(key)
+    if interval is None or not isinstance(value, float):
+        return _format_value(value)
+    return f'{_format_value(value)} <span class="ci">[{interval["low"]:.4f}, {interval["high"]:.4f}]</span>'
+
+
+def _change_cell(key: str, a, b, change: dict | None) -> str:
+    """The change's cell: coloured when its paired interval excludes 0 (or, without intervals, when it is not 0)."""
+    if not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool)):
+        return "<td>n/a</td>"
+    delta, interval = b - a, (change or {}).get(key)
+    better = delta < 0 if key == "fgd" else delta > 0
+    shown = interval["significant"] if interval else delta != 0
+    css = "" if not shown or key.startswith("num_") else (' class="up"' if better else ' class="down"')
+    text = f"{delta:+d}" if isinstance(delta, int) else f"{delta:+.4f}"
+    if interval:
+        text += (f' <span class="ci">[{interval["low"]:+.4f}, {interval["high"]:+.4f}]</span>'
+                 + (" *" if interval["significant"] else ""))
+    return f"<td{css}>{text}</td>"
+
+
+def render_metrics_table(heading: str, columns: list[tuple[str, dict]], change: dict | None = None) -> str:
+    """A metric table with 95% intervals; with two columns a third shows the change (green up, red down when its
+    paired interval excludes 0, `change` = {metric: interval}; FGD is better down)."""
     esc = html.escape
     head = "".join(f"<th>{esc(label)}</th>" for label, _ in columns)
     with_change = len(columns) == 2
@@ -436,19 +465,15 @@ def render_metrics_table(heading: str, columns: list[tuple[str, dict]]) -> str:
         values = [metrics.get(key) for _, metrics in columns]
         if all(v is None for v in values) and not (key == "fgd" and any(key in m for _, m in columns)):
             continue
-        cells = "".join(f"<td>{_format_value(v)}</td>" for v in values)
+        cells = "".join(f"<td>{_with_interval(v, m, key)}</td>" for v, (_, m) in zip(values, columns))
         if with_change:
-            a, b = values
-            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-                delta = b - a
-                better = delta < 0 if key == "fgd" else delta > 0
-                css = "" if delta == 0 or key.startswith("num_") or key in STAT_LABELS else (' class="up"' if better else ' class="down"')
-                cells += f"<td{css}>{delta:+d}</td>" if isinstance(delta, int) else f"<td{css}>{delta:+.4f}</td>"
-            else:
-                cells += "<td>n/a</td>"
+            cells += _change_cell(key, *values, change)
         body.append(f"<tr><td>{esc(METRIC_LABELS.get(key, key))}</td>{cells}</tr>")
-    notes = "".join(f'<div class="note">{esc(label)}: {esc(m["fgd_note"])}</div>'
-                    for label, m in columns if m.get("fgd_note"))
+    notes = "".join(f'<div class="note">{esc(label)}: {esc(m[k])}</div>'
+                    for k in ("meteor_note", "fgd_note") for label, m in columns if m.get(k))
+    if any(m.get("confidence") for _, m in columns):
+        notes += ('<div class="note">[low, high]: 95% bootstrap interval over images (1000 resamples)'
+                  + ("; * the paired interval of the change excludes 0" if change else "") + "</div>")
     return (f'<div><h3>{esc(heading)}</h3><table class="metrics"><thead><tr><th>metric</th>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>{notes}</div>')
 
@@ -466,7 +491,8 @@ def render_row(row: GalleryRow, roots: list[Path], clip_column: bool = False) ->
         base = f'<div class="base">base model: {esc(row.base)}{score}</div>'
     gain = row.cider - row.base_cider if row.base_cider is not None and row.cider is not None else 0.0
     refs = "".join(f"<li>{esc(ref)}</li>" for ref in row.references)
-    numbers = {"cider": row.cider, "bleu4": row.bleu_4, **({"clip": row.clip_score} if clip_column else {})}
+    numbers = {"cider": row.cider, "bleu4": row.bleu_4, **({"meteor": row.meteor} if row.meteor is not None else {}),
+               **({"clip": row.clip_score} if clip_column else {})}
     data = "".join(f' data-{key}="{value:.6g}"' for key, value in numbers.items() if value is not None)
     cells = "".join(f'<td class="num">{"n/a" if value is None else f"{value:.3f}"}</td>' for value in numbers.values())
     return (f'<tr class="row" data-name="{esc(row.name)}"{data} '
@@ -481,13 +507,17 @@ def render_gallery(data: ReportData, roots: list[Path]) -> str:
                ("bleu4-asc", "BLEU-4, worst first"), ("bleu4-desc", "BLEU-4, best first"), ("name-asc", "file name")]
     if has_base:
         options.insert(2, ("gain-asc", "CIDEr-D change vs base, most worse first"))
+    has_meteor = bool(data.rows) and all(row.meteor is not None for row in data.rows)
+    if has_meteor:
+        options[-1:-1] = [("meteor-asc", "METEOR, worst first"), ("meteor-desc", "METEOR, best first")]
     clip_column = any(row.clip_score is not None for row in data.rows)
     if clip_column:
         options[-1:-1] = [("clip-asc", "CLIP-S, worst first"), ("clip-desc", "CLIP-S, best first")]
     if all(row.cider is None for row in data.rows):  # no references: CIDEr-D and BLEU-4 sorts mean nothing
         options = [o for o in options if not o[0].startswith(("cider", "bleu4", "gain"))]
     select = "".join(f'<option value="{value}">{label}</option>' for value, label in options)
-    rows = "".join(render_row(row, roots, clip_column) for row in data.rows)
+    rows = "".join(render_row(row if has_meteor else dataclasses.replace(row, meteor=None), roots, clip_column)
+                   for row in data.rows)
     shown, ranked_by = len(data.rows), "CIDEr-D" if any(row.cider is not None for row in data.rows) else "CLIP-S"
     return (f'<h2>Gallery</h2><p class="sub" id="gallery-count">Showing {shown} of {data.num_scored} scored images'
             + (f" (the {GALLERY_WORST} worst and {GALLERY_BEST} best by {ranked_by}, and {GALLERY_RANDOM} at random)"
@@ -499,12 +529,14 @@ def render_gallery(data: ReportData, roots: list[Path]) -> str:
             f'<label>Search <input id="query" type="search" placeholder="caption, reference or file name"></label> '
             f'<span class="note"><span id="visible-count">{shown}</span> rows shown</span></div>'
             f'<table class="gallery"><thead><tr><th>image</th><th>caption</th><th>references</th><th>CIDEr-D</th>'
-            f'<th>BLEU-4</th>{"<th>CLIP-S</th>" if clip_column else ""}</tr></thead><tbody id="gallery-body">{rows}</tbody></table>')
+            f'<th>BLEU-4</th>{"<th>METEOR</th>" if has_meteor else ""}{"<th>CLIP-S</th>" if clip_column else ""}'
+            f'</tr></thead><tbody id="gallery-body">{rows}</tbody></table>')
 
 
 def render_report(data: ReportData, roots: list[Path]) -> str:
     esc = html.escape
-    tables = "".join(render_metrics_table(heading, columns) for heading, columns in data.tables)
+    tables = "".join(render_metrics_table(heading, columns, change[0] if change else None)
+                     for heading, columns, *change in data.tables)
     plots = ("<h2>Training</h2>" + '<div class="plots">' + "".join(data.plots) + "</div>"
              '<p class="note">Caption metrics during training: before training at step 0, after training (the model '
              "saved as final_model, i.e. the best checkpoint) at the last step, and at each evaluation in between "
@@ -538,7 +570,7 @@ def _write(path: Path, data: ReportData, roots: list[Path], start: float) -> Pat
 def _training_tables(training: dict, heading: str) -> list:
     if training.get("before") and training.get("after"):
         columns = [("before training", training["before"]), ("after training", training["after"])]
-        return [(heading, columns)] + _stats_table(f"{heading}: caption diversity", columns)
+        return [(heading, columns, training.get("change"))] + _stats_table(f"{heading}: caption diversity", columns)
     return []
 
 
@@ -555,15 +587,32 @@ def _warnings_and_notes(columns: list[tuple[str, dict]]) -> list[str]:
                     for label, m in columns if m.get(key)]
 
 
+def protocol_line(*metric_dicts: dict) -> str:
+    """The report's first line under the title: which tokenization every number here was computed with."""
+    tokenizers = sorted({d.get("caption_tokenizer") for d in metric_dicts if d} - {None})
+    if not tokenizers:
+        return "Scoring protocol: simple (lowercase, ASCII punctuation to spaces; recorded before protocols were named)"
+    text = "Scoring protocol: " + "; ".join(PROTOCOLS.get(t, t) for t in tokenizers)
+    return text + (" (the tables differ in protocol: do not compare them)" if len(tokenizers) > 1 else "")
+
+
 def build_eval_report(run_dir: Path, predictions: dict[str, str], references: dict[str, list[str]],
-                      metrics: dict, info: dict, seed: int = 0) -> ReportData:
-    """The --eval page: its metrics, the run's base captions when they exist, the run's training records."""
+                      metrics: dict, info: dict, seed: int = 0, scores=None) -> ReportData:
+    """The --eval page: its metrics, the run's base captions when they exist, the run's training records.
+
+    scores: the evaluation's utils.evaluation.CaptionScores (per-image METEOR, the base model's metrics and the
+    paired change intervals); without it the per-image and base scores are computed here, without METEOR.
+    """
     run_dir = Path(run_dir)
     base_captions = {name: r["before"] for name, r in read_val_predictions(run_dir / VAL_PREDICTIONS_NAME).items()
                      if r["before"]}
     base = align_names(base_captions, references or {name: [] for name in predictions}) if base_captions else {}
     clip = (metrics.get("per_image") or {}).get("clip_score")
-    rows, scores, base_metrics = build_gallery(predictions, references, base, seed, clip)
+    tokenizer = metrics.get("caption_tokenizer", "simple")
+    rows, per_image, base_metrics = build_gallery(predictions, references, base, seed, tokenizer,
+                                                  scores.per_image if scores is not None else None, clip)
+    if scores is not None and scores.baseline is not None:
+        base_metrics = scores.baseline
     label = "this evaluation"
     if metrics.get("base_model"):  # CLIP-S and statistics of the base model's captions, scored by --eval
         base_metrics = {**(base_metrics or {}), **metrics["base_model"]}
@@ -572,10 +621,12 @@ def build_eval_report(run_dir: Path, predictions: dict[str, str], references: di
             row.base_clip_score = base_clip.get(row.name)
     columns = [("base model", {**base_metrics, "fgd": None}), (label, metrics)] if base_metrics else [(label, metrics)]
     training = read_json(run_dir / "metrics.json")
-    tables = [("Evaluated images", columns)] + _stats_table("Evaluated images: caption diversity", columns)
+    change = metrics.get("change") or (scores.change if scores is not None else None)
+    tables = [("Evaluated images", columns, change)] + _stats_table("Evaluated images: caption diversity", columns)
     tables += _training_tables(training, "Validation images during training")
     source = info.get("model") or info.get("predictions_file") or ""
-    subtitle = [f"--eval of {source}" if source else "--eval",
+    subtitle = [protocol_line(metrics, *(c for t in tables for _, c in t[1])),
+                f"--eval of {source}" if source else "--eval",
                 *(f"{k}: {info[k]}" for k in ("test_dir", "captions_file") if info.get(k)),
                 f"written {datetime.now().isoformat(timespec='seconds')}"]
     notes = _warnings_and_notes(columns)
@@ -583,12 +634,12 @@ def build_eval_report(run_dir: Path, predictions: dict[str, str], references: di
         notes.append("The base model's captions (from val_predictions.csv) cover only some of these images, "
                      "so they are shown without base-model metrics.")
     history = read_train_history(run_dir)
-    return ReportData("Caption report", subtitle, tables, rows, len(scores), build_plots(history, training) if
+    return ReportData("Caption report", subtitle, tables, rows, len(per_image), build_plots(history, training) if
                       (history or training) else [], notes)
 
 
 def write_eval_report(config, predictions: dict[str, str], references: dict[str, list[str]], metrics: dict,
-                      info: dict, images=None) -> Path | None:
+                      info: dict, images=None, scores=None) -> Path | None:
     """OUTPUT_DIR/report.html for --eval; images are looked up under --test_dir, then beside the captions file
     and the predictions file (names such as "test/a.jpg" are relative to the captions file's folder)."""
     start, out = time.perf_counter(), Path(config.output_dir)
@@ -596,24 +647,27 @@ def write_eval_report(config, predictions: dict[str, str], references: dict[str,
                                config.predictions_file and Path(config.predictions_file).parent) if p]
     roots = ([images] if images is not None and hasattr(images, "load") else []) + roots
     try:
-        data = build_eval_report(out, predictions, references, metrics, info, config.seed)
+        data = build_eval_report(out, predictions, references, metrics, info, config.seed, scores)
     except Exception as error:  # noqa: BLE001
         logger.warning("Could not build the HTML report: %s: %s", type(error).__name__, error)
         return None
     return _write(out / REPORT_NAME, data, roots, start)
 
 
-def write_training_report(run_dir: Path, val_dir: Path, references: dict[str, list[str]], seed: int = 0) -> Path | None:
+def write_training_report(run_dir: Path, val_dir: Path, references: dict[str, list[str]], seed: int = 0,
+                          per_image: dict[str, dict] | None = None) -> Path | None:
     """RUN/report.html at the end of --train, from the run's own records: metrics.json, val_predictions.csv and
-    train_history.json."""
+    train_history.json (per_image: the after-training scores already computed, with METEOR)."""
     start, run_dir = time.perf_counter(), Path(run_dir)
     try:
         training = read_json(run_dir / "metrics.json")
         captions = read_val_predictions(run_dir / VAL_PREDICTIONS_NAME)
         after = {name: r["after"] for name, r in captions.items() if name in references}
         before = {name: r["before"] for name, r in captions.items() if name in references and r["before"]}
-        rows, scores, _ = build_gallery(after, references, before, seed)
-        subtitle = [f"--train run {run_dir.name}: validation images of {val_dir}, captioned after training",
+        tokenizer = (training.get("after") or {}).get("caption_tokenizer", "simple")
+        rows, scores, _ = build_gallery(after, references, before, seed, tokenizer, per_image)
+        subtitle = [protocol_line(training.get("before") or {}, training.get("after") or {}),
+                    f"--train run {run_dir.name}: validation images of {val_dir}, captioned after training",
                     f"written {datetime.now().isoformat(timespec='seconds')}"]
         tables = (_training_tables(training, "Validation images")
                   or [("Validation images", [("after training", training.get("after") or {})])])

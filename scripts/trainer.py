@@ -24,7 +24,9 @@ from models.git_qlora import (
 )
 from models.vision_cache import as_pixel_values, feature_shape, fill_feature_cache, plan_feature_cache, vision_from_cache
 from scripts.early_stopping import CaptionEarlyStopping
-from scripts.report import save_train_history, save_val_predictions, write_training_report
+from scripts.report import (
+    VAL_PREDICTIONS_NAME, read_val_predictions, save_train_history, save_val_predictions, write_training_report,
+)
 from utils import distributed
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
 from utils.dataset_utils import (
@@ -36,6 +38,7 @@ from utils.caption_stats import format_caption_stats
 from utils.evaluation import format_metrics_table
 from utils.feature_store import FeatureStore
 from utils.io import give_default_permissions, replace_folder_atomically, write_json_atomic, write_split_file, write_text_atomic
+from utils.java_scorers import resolve_caption_tokenizer
 from utils.model_card import build_model_card
 from utils.progress import progress
 from utils.run_lock import LOCK_NAME, lock_folder
@@ -163,6 +166,12 @@ def load_splits(config: Config) -> DataSplits:
     return DataSplits(Path(config.train_dir), train, Path(config.train_dir), val)
 
 
+def base_captions_of(run_dir: Path) -> dict[str, str] | None:
+    """The base model's validation captions a run saved before training (val_predictions.csv), for --resume."""
+    rows = read_val_predictions(run_dir / VAL_PREDICTIONS_NAME)
+    return {name: r["before"] for name, r in rows.items() if r["before"]} or None
+
+
 def references_of(examples: list[Example]) -> dict[str, list[str]]:
     refs: dict[str, list[str]] = {}
     for example in examples:
@@ -171,13 +180,15 @@ def references_of(examples: list[Example]) -> dict[str, list[str]]:
 
 
 class CaptionScorer:
-    """Captions the validation images with the model being trained and scores them (COCO metrics, FGD)."""
+    """Captions the validation images with the model being trained and scores them (COCO metrics, METEOR, FGD),
+    with the run's resolved --caption_tokenizer; `last` keeps the latest full scoring (per-image scores, change)."""
 
     def __init__(self, processor, splits: DataSplits, config: Config, with_fgd: bool, cache: FeatureStore | None = None):
         self.processor, self.splits, self.config, self.with_fgd, self.cache = processor, splits, config, with_fgd, cache
         self.references = references_of(splits.val)
         # For copied_from_training; a stream is not held in memory, so its captions are not compared.
         self.train_captions = None if splits.train_stream is not None else [e.caption for e in splits.train]
+        self.last = None  # the CaptionScores of the latest full scoring (per-image METEOR, paired change)
 
     def caption(self, model) -> dict[str, str]:
         """Captions of every validation image; each rank captions its share and all get every caption."""
@@ -203,21 +214,29 @@ class CaptionScorer:
         model.train(was_training)
         return {name: text for part in distributed.all_gather_object(captions) for name, text in part.items()}
 
-    def __call__(self, model, fgd: bool | None = None) -> tuple[dict, dict[str, str]]:
+    def __call__(self, model, fgd: bool | None = None, baseline: dict[str, str] | None = None) -> tuple[dict, dict[str, str]]:
         """Every rank captions its share of the images (call it on all ranks); the main process scores the
         gathered captions and every rank gets the same scores, as best-model selection needs."""
-        return self.score(self.caption(model), fgd)
+        return self.score(self.caption(model), fgd, baseline)
 
-    def score(self, captions: dict[str, str], fgd: bool | None = None) -> tuple[dict, dict[str, str]]:
-        """(scores, predictions) of captions from `caption` (call it on all ranks)."""
-        from utils.evaluation import compute_caption_metrics, score_captions
+    def score(self, captions: dict[str, str], fgd: bool | None = None,
+              baseline: dict[str, str] | None = None) -> tuple[dict, dict[str, str]]:
+        """(scores, predictions) of captions from `caption` (call it on all ranks).
+
+        fgd=False is a validation during training: no FGD, no intervals, and METEOR (a Java start) only when
+        --metric_for_best_model needs it. baseline: captions of the same images to pair the change with."""
+        from utils.evaluation import evaluate_captions
 
         predictions = {name: captions.get(name, "") for name in self.references}
-        if self.with_fgd if fgd is None else fgd:
-            scores = distributed.run_on_main(lambda: score_captions(predictions, self.references, self.config.fgd_model))
-        else:
-            scores = distributed.run_on_main(lambda: compute_caption_metrics(predictions, self.references))
-        return {**scores, **self.statistics(predictions)}, predictions
+        config, full = self.config, fgd is not False
+        options = dict(caption_tokenizer=config.caption_tokenizer, java=config.java, seed=config.seed, baseline=baseline)
+        if not full:
+            options.update(meteor=config.metric_for_best_model == "meteor", resamples=0)
+        fgd_model = config.fgd_model if (self.with_fgd if fgd is None else fgd) else None
+        scores = distributed.run_on_main(lambda: evaluate_captions(predictions, self.references, fgd_model, **options))
+        if full:
+            self.last = scores
+        return {**scores.metrics, **self.statistics(predictions)}, predictions
 
     def statistics(self, predictions: dict[str, str]) -> dict:
         """Diversity of the validation captions, and the collapse warning (logged) when one caption dominates."""
@@ -524,6 +543,9 @@ def _train(config: Config, trackers: TrackerRuns) -> int:
     config, run_dir = prepare_run_dir(config)
     if config.resume:  # the folder exists: no other job may write it from here on, before anything loads
         lock_folder(run_dir, "The run folder")
+    # Resolved once for the run (and so recorded in run_config.json): every validation uses the same protocol.
+    tokenizer = distributed.run_on_main(lambda: resolve_caption_tokenizer(config.caption_tokenizer, config.java))
+    config = config.replace(caption_tokenizer=tokenizer)
     device = resolve_device()
     log_settings(config, device)
     # Data and model are checked before the run folder exists, so a bad flag leaves no folder behind.
@@ -534,6 +556,7 @@ def _train(config: Config, trackers: TrackerRuns) -> int:
     precision = describe_precision(config, device)
     metrics = {"run_dir": str(run_dir), "device": device, "precision": precision,
                "world_size": distributed.world_size(), "effective_batch_size": effective_batch_size(config),
+               "caption_tokenizer": config.caption_tokenizer,
                "before_model": f"the base without the adapter, as trained on: {precision}",
                "after_model": "the same base with the trained adapter"}
     with created_run_dir(run_dir, config.resume):
@@ -565,7 +588,10 @@ def _train(config: Config, trackers: TrackerRuns) -> int:
             metrics["early_stopping"] = early_stopping_summary(trainer)
         final = distributed.on_main_process(save_final_model, trainer.model, processor, run_dir)
         if scorer is not None:
-            metrics["val_loss"], metrics["after"], predictions = final_validation(trainer, scorer)
+            baseline = before_captions if not config.resume else base_captions_of(run_dir)
+            metrics["val_loss"], metrics["after"], predictions = final_validation(trainer, scorer, baseline)
+            if scorer.last is not None and scorer.last.change is not None:
+                metrics["change"] = scorer.last.change  # paired intervals of after - before, same images
             metrics["sample_captions"] = dict(list(predictions.items())[:5])
     if cache is not None:
         distributed.barrier()  # every rank is done reading it
@@ -585,7 +611,8 @@ def final_model_step(state) -> int:
     return int(suffix) if suffix.isdigit() else state.global_step
 
 
-def final_validation(trainer: CaptionTrainer, scorer: CaptionScorer) -> tuple[float, dict, dict[str, str]]:
+def final_validation(trainer: CaptionTrainer, scorer: CaptionScorer,
+                     baseline: dict[str, str] | None = None) -> tuple[float, dict, dict[str, str]]:
     """(loss, scores, captions) of the final model on the validation images. The training's evaluation of the
     same weights is reused (its loss from the log history, its captions when it captioned), so the last
     validation pass is not run a second time; only what it did not compute is computed (call it on all ranks)."""
@@ -593,7 +620,7 @@ def final_validation(trainer: CaptionTrainer, scorer: CaptionScorer) -> tuple[fl
     losses = {e.get("step"): e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
     loss = losses[step] if step in losses else Trainer.evaluate(trainer)["eval_loss"]
     captions = trainer.val_captions.get(step)
-    scores, predictions = scorer.score(captions if captions is not None else scorer.caption(trainer.model))
+    scores, predictions = scorer.score(captions if captions is not None else scorer.caption(trainer.model), baseline=baseline)
     return loss, scores, predictions
 
 
@@ -602,7 +629,8 @@ def finish_metrics(run_dir: Path, metrics: dict) -> None:
     if "after" in metrics:
         before_after = (metrics["before"], metrics["after"]) if "before" in metrics else (metrics["after"],)
         logger.info("Validation caption metrics, the base before vs with the adapter after training:\n%s\n%s",
-                    format_metrics_table(*before_after), format_caption_stats(*(m.get("caption_stats") or {} for m in before_after)))
+                    format_metrics_table(*before_after, change=metrics.get("change")),
+                    format_caption_stats(*(m.get("caption_stats") or {} for m in before_after)))
     write_json_atomic(run_dir / "metrics.json", metrics)
 
 
@@ -618,7 +646,8 @@ def write_report_records(run_dir: Path, trainer, splits: DataSplits, scorer, aft
     save_train_history(run_dir, trainer.state.log_history)
     if scorer is not None:
         save_val_predictions(run_dir, after=after_captions)
-        write_training_report(run_dir, splits.val_dir, scorer.references, trainer.args.seed)
+        per_image = scorer.last.per_image if scorer.last is not None else None
+        write_training_report(run_dir, splits.val_dir, scorer.references, trainer.args.seed, per_image)
 
 
 def log_data_shards(trainer: Trainer, examples: list[Example]) -> None:

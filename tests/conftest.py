@@ -39,7 +39,7 @@ def train_cmd(data_dir, tiny_model_dir):
             "--train", "--train_dir", str(data_dir / "train"), "--test_dir", str(data_dir / "test"),
             "--captions_file", str(data_dir / "captions.csv"), "--model_name", str(tiny_model_dir),
             "--output_dir", str(out), "--run_name", run, "--batch_size", "4", "--num_workers", "0",
-            "--fgd_model", "none", "--max_new_tokens", "8", *extra,
+            "--fgd_model", "none", "--java", "none", "--max_new_tokens", "8", *extra,
         ]
 
     return build

@@ -72,6 +72,10 @@ def test_demo_at_reduced_scale_runs_every_mode(tmp_path, capsys, caplog):
         assert report[when]["num_images"] == plan.test_images
         assert len(_read_rows(folder / "eval_predictions.csv")) == plan.test_images
     assert report["after"]["fgd"] is None  # offline, no local encoder given
+    # The run's --eval pairs its captions with the base model's of the same pictures (its val_predictions.csv).
+    change = report["after"]["change"]["cider"]
+    assert change["low"] <= change["value"] <= change["high"] and change["significant"] == (change["low"] > 0 or change["high"] < 0)
+    assert change["value"] == pytest.approx(report["after"]["cider"] - report["after"]["base_model"]["cider"])
     assert report["distinct_captions"]["test_images"] == plan.test_images
     sample = report["samples"][0]
     assert {"image", "before", "after", "references"} <= sample.keys() and len(sample["references"]) == 3

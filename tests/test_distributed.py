@@ -301,7 +301,7 @@ def test_eval_under_two_processes_equals_single_process(trained_run, data_dir, t
         shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints", "merged_model"))
         args = ["--eval", "--test_dir", str(data_dir / "test"), "--captions_file", str(data_dir / "captions.csv"),
                 "--output_dir", str(run), "--num_workers", "0", "--max_new_tokens", "8", "--batch_size", "3",
-                "--fgd_model", "none", "--clip_model", str(tiny_clip_dir)]
+                "--fgd_model", "none", "--clip_model", str(tiny_clip_dir), "--java", "none"]
         if nproc == 1:
             assert main(args) == 0
         else:

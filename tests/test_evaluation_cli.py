@@ -24,7 +24,7 @@ def _write_csv(path: Path, rows, header=("image_name", "caption")) -> Path:
 
 def test_eval_of_a_run_writes_results_and_rescoring_matches(trained_run, data_dir, tmp_path):
     args = ["--eval", "--test_dir", str(data_dir / "test"), "--captions_file", str(data_dir / "captions.csv"),
-            "--output_dir", str(trained_run), "--fgd_model", "none", "--num_workers", "0", "--max_new_tokens", "8"]
+            "--output_dir", str(trained_run), "--fgd_model", "none", "--java", "none", "--num_workers", "0", "--max_new_tokens", "8"]
     assert main(args) == 0
     results = json.loads((trained_run / "eval_results.json").read_text())
     assert results["num_images"] == 8 and results["num_references"] == 24
@@ -36,7 +36,7 @@ def test_eval_of_a_run_writes_results_and_rescoring_matches(trained_run, data_di
     rescored = tmp_path / "rescored"
     assert main(["--eval", "--predictions_file", str(trained_run / "eval_predictions.csv"),
                  "--captions_file", str(data_dir / "captions.csv"), "--output_dir", str(rescored),
-                 "--fgd_model", "none"]) == 0
+                 "--fgd_model", "none", "--java", "none"]) == 0
     again = json.loads((rescored / "eval_results.json").read_text())
     for key in SCORE_KEYS:
         assert again[key] == pytest.approx(results[key], abs=1e-12), key
@@ -46,13 +46,13 @@ def test_eval_of_a_base_model_without_a_run(tiny_model_dir, data_dir, tmp_path):
     out = tmp_path / "base_eval"
     assert main(["--eval", "--model_name", str(tiny_model_dir), "--test_dir", str(data_dir / "test"),
                  "--captions_file", str(data_dir / "captions.csv"), "--output_dir", str(out),
-                 "--fgd_model", "none", "--num_workers", "0", "--max_new_tokens", "4"]) == 0
+                 "--fgd_model", "none", "--java", "none", "--num_workers", "0", "--max_new_tokens", "4"]) == 0
     results = json.loads((out / "eval_results.json").read_text())
     assert results["num_images"] == 8 and "4-bit nf4" in results["settings"]["model"]
     # --quantization_bits scores the unquantized base, and the results say so.
     assert main(["--eval", "--model_name", str(tiny_model_dir), "--test_dir", str(data_dir / "test"),
                  "--captions_file", str(data_dir / "captions.csv"), "--output_dir", str(out),
-                 "--fgd_model", "none", "--num_workers", "0", "--max_new_tokens", "4", "--quantization_bits", "32"]) == 0
+                 "--fgd_model", "none", "--java", "none", "--num_workers", "0", "--max_new_tokens", "4", "--quantization_bits", "32"]) == 0
     assert "unquantized torch.float32 base" in json.loads((out / "eval_results.json").read_text())["settings"]["model"]
 
 
@@ -63,14 +63,14 @@ def test_scoring_existing_predictions_with_mismatches(tmp_path, caplog):
     # b.jpg has no prediction, z.jpg no reference, c.jpg an empty caption; one invalid UTF-8 byte.
     preds.write_bytes(b"image_name,caption\na.jpg,a red circle\nz.jpg,a cat\nc.jpg,\nd\xff.jpg,x\n")
     assert main(["--eval", "--predictions_file", str(preds), "--captions_file", str(refs),
-                 "--output_dir", str(tmp_path / "out"), "--fgd_model", "none"]) == 0
+                 "--output_dir", str(tmp_path / "out"), "--fgd_model", "none", "--java", "none"]) == 0
     results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert results["num_images"] == 2  # a.jpg and the empty c.jpg
     assert "z.jpg" in caplog.text and "b.jpg" in caplog.text and "UTF-8" in caplog.text
 
     nothing = _write_csv(tmp_path / "nothing.csv", [("q.jpg", "a dog")])
     assert main(["--eval", "--predictions_file", str(nothing), "--captions_file", str(refs),
-                 "--output_dir", str(tmp_path / "out2"), "--fgd_model", "none"]) == 2
+                 "--output_dir", str(tmp_path / "out2"), "--fgd_model", "none", "--java", "none"]) == 2
 
 
 def test_fgd_ranks_good_captions_above_junk_through_the_cli(tmp_path):
@@ -87,7 +87,7 @@ def test_fgd_ranks_good_captions_above_junk_through_the_cli(tmp_path):
     for name, preds in (("good", good), ("junk", junk)):
         out = tmp_path / name
         assert main(["--eval", "--predictions_file", str(preds), "--captions_file", str(refs),
-                     "--output_dir", str(out), "--fgd_model", str(encoder)]) == 0
+                     "--output_dir", str(out), "--fgd_model", str(encoder), "--java", "none"]) == 0
         fgd[name] = json.loads((out / "eval_results.json").read_text())["fgd"]
     assert 0 < fgd["good"] < fgd["junk"]
 
@@ -96,7 +96,7 @@ def test_fgd_offline_fallback_keeps_other_metrics(tmp_path):
     refs = _write_csv(tmp_path / "refs.csv", [("a.jpg", "a red circle"), ("b.jpg", "a blue square")])
     preds = _write_csv(tmp_path / "preds.csv", [("a.jpg", "a red circle"), ("b.jpg", "a square")])
     assert main(["--eval", "--predictions_file", str(preds), "--captions_file", str(refs),
-                 "--output_dir", str(tmp_path / "out"), "--fgd_model", str(tmp_path / "no_such_encoder")]) == 0
+                 "--output_dir", str(tmp_path / "out"), "--fgd_model", str(tmp_path / "no_such_encoder"), "--java", "none"]) == 0
     results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert results["fgd"] is None and results["fgd_note"] and results["bleu_1"] > 0.5
 

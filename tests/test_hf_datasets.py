@@ -229,7 +229,7 @@ def test_flag_problems_are_reported_together(capsys, tmp_path):
 def _dataset_cmd(tiny_model_dir, out, *extra):
     return [
         "--train", "--model_name", str(tiny_model_dir), "--output_dir", str(out), "--batch_size", "4",
-        "--num_workers", "0", "--fgd_model", "none", "--max_new_tokens", "8", "--max_steps", "2", *extra,
+        "--num_workers", "0", "--fgd_model", "none", "--java", "none", "--max_new_tokens", "8", "--max_steps", "2", *extra,
     ]
 
 
@@ -245,7 +245,7 @@ def test_train_eval_inference_merge_on_parquet(parquet_dir, data_dir, tiny_model
     settings = json.loads((run / "run_config.json").read_text())
     assert settings["dataset"] == str(parquet_dir) and settings["num_train_examples"] == 25 * 3 - 2
     assert (run / "final_model" / "adapter_model.safetensors").is_file()
-    assert main(["--eval", "--output_dir", str(run), "--fgd_model", "none", "--max_new_tokens", "8", "--num_workers", "0", *source]) == 0
+    assert main(["--eval", "--output_dir", str(run), "--fgd_model", "none", "--java", "none", "--max_new_tokens", "8", "--num_workers", "0", *source]) == 0
     names = _csv_names(run / "eval_predictions.csv")
     assert len(names) == 8 and all(n.startswith("img_") for n in names)
     assert json.loads((run / "eval_results.json").read_text())["num_images"] == 8
@@ -255,7 +255,7 @@ def test_train_eval_inference_merge_on_parquet(parquet_dir, data_dir, tiny_model
     assert json.loads((run / "merge_report.json").read_text())["images"] == 8
     # A run trained on a dataset is evaluated on a folder just the same.
     assert main(["--eval", "--output_dir", str(run), "--test_dir", str(data_dir / "test"), "--captions_file",
-                 str(data_dir / "captions.csv"), "--fgd_model", "none", "--max_new_tokens", "8", "--num_workers", "0"]) == 0
+                 str(data_dir / "captions.csv"), "--fgd_model", "none", "--java", "none", "--max_new_tokens", "8", "--num_workers", "0"]) == 0
     assert json.loads((run / "eval_results.json").read_text())["settings"]["test_dir"] == str(data_dir / "test")
 
 
@@ -278,7 +278,7 @@ def test_training_on_jsonl_and_folder_run_evaluated_on_a_dataset(jsonl_file, tin
     for name in ("run_config.json", "final_model"):
         (out / name).symlink_to(trained_run / name)
     assert main(["--eval", "--output_dir", str(out), "--dataset", str(parquet_dir), "--caption_column", "captions",
-                 "--id_column", "file_name", "--fgd_model", "none", "--max_new_tokens", "8", "--num_workers", "0"]) == 0
+                 "--id_column", "file_name", "--fgd_model", "none", "--java", "none", "--max_new_tokens", "8", "--num_workers", "0"]) == 0
     assert json.loads((out / "eval_results.json").read_text())["num_images"] == 8
 
 
@@ -397,7 +397,7 @@ shards, model_dir, out = sys.argv[2:5]
 rank = int(os.environ["RANK"])
 config = build_config(build_parser().parse_args([
     "--train", "--dataset", shards, "--streaming", "--max_steps", "3", "--model_name", model_dir, "--output_dir", out,
-    "--batch_size", "2", "--num_workers", "0", "--fgd_model", "none", "--shuffle_buffer", "0"]))
+    "--batch_size", "2", "--num_workers", "0", "--fgd_model", "none", "--java", "none", "--shuffle_buffer", "0"]))
 run_dir = Path(out) / f"rank{rank}"  # the CLI's run-folder agreement between ranks is issue 9's
 run_dir.mkdir(parents=True, exist_ok=True)
 splits = load_splits(config)

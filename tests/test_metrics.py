@@ -1,6 +1,7 @@
 """Tests for utils/evaluation.py: caption metrics against pycocoevalcap and by hand, FGD, result files."""
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -30,6 +31,9 @@ from utils.evaluation import (
     score_captions,
 )
 from utils.io import read_predictions_file, write_json_atomic, write_predictions_csv
+
+# The tests of today's normalisation pin it: --caption_tokenizer simple (the ptb protocol is in test_protocol.py).
+simple_metrics = functools.partial(compute_caption_metrics, caption_tokenizer="simple")
 
 # Punctuation, mixed case, 1 to 4 references, an empty and a punctuation-only prediction,
 # non-ASCII text, a reference that is only punctuation and an image whose references all are.
@@ -139,7 +143,7 @@ def test_metrics_equal_pycocoevalcap_and_rouge_score(capsys):
     best = [scorer.score_multi(gts[k], res[k][0]) for k in gts]
     capsys.readouterr()
 
-    metrics = compute_caption_metrics(PREDICTIONS, REFERENCES)
+    metrics = simple_metrics(PREDICTIONS, REFERENCES)
 
     assert capsys.readouterr().out == ""  # nothing from pycocoevalcap on stdout
     expected = {f"bleu_{n}": bleu[n - 1] for n in range(1, 5)}
@@ -156,7 +160,7 @@ def test_metrics_equal_pycocoevalcap_and_rouge_score(capsys):
 
 
 def test_bleu_by_hand():
-    metrics = compute_caption_metrics({"a": "The cat sat on the mat."}, {"a": ["the cat is on the mat"]})
+    metrics = simple_metrics({"a": "The cat sat on the mat."}, {"a": ["the cat is on the mat"]})
     # Unigrams: the x2, cat, on, mat match (5 of 6); bigrams: the cat, on the, the mat (3 of 5).
     # Same length as the reference, so no brevity penalty.
     assert metrics["bleu_1"] == pytest.approx(5 / 6, abs=1e-6)
@@ -165,7 +169,7 @@ def test_bleu_by_hand():
 
 def test_empty_prediction_counts_length_zero_for_bleu():
     # "" adds no n-grams and length 0; its closest reference length (2) joins the corpus length.
-    metrics = compute_caption_metrics(
+    metrics = simple_metrics(
         {"a": "a dog runs", "b": ""}, {"a": ["a dog runs"], "b": ["two cats", "three small cats here"]}
     )
     assert metrics["bleu_1"] == pytest.approx(math.exp(1 - 5 / 3), abs=1e-6)
@@ -173,7 +177,7 @@ def test_empty_prediction_counts_length_zero_for_bleu():
 
 
 def test_all_empty_predictions_score_zero():
-    metrics = compute_caption_metrics({"a": "", "b": "?!"}, {"a": ["a dog"], "b": ["two cats", "a cat"]})
+    metrics = simple_metrics({"a": "", "b": "?!"}, {"a": ["a dog"], "b": ["two cats", "a cat"]})
     for key in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "rouge_1", "rouge_2"):
         assert metrics[key] == pytest.approx(0.0, abs=1e-9), key
 
@@ -182,17 +186,17 @@ def test_rouge_l_by_hand():
     # LCS of "a black cat sat on the mat" and "the cat sat on a mat" is "cat sat on mat" (4).
     precision, recall, beta = 4 / 7, 4 / 6, 1.2
     expected = (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
-    metrics = compute_caption_metrics({"a": "A black cat sat on the mat"}, {"a": ["The cat sat on a mat."]})
+    metrics = simple_metrics({"a": "A black cat sat on the mat"}, {"a": ["The cat sat on a mat."]})
     assert metrics["rouge_l"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_image_with_only_empty_references_is_dropped(caplog):
     with caplog.at_level(logging.WARNING):
-        metrics = compute_caption_metrics({"a": "a dog", "b": "a cat"}, {"a": ["a dog"], "b": ["!!", " "]})
+        metrics = simple_metrics({"a": "a dog", "b": "a cat"}, {"a": ["a dog"], "b": ["!!", " "]})
     assert metrics["num_images"] == 1 and metrics["num_references"] == 1
     assert "all empty" in caplog.text and "b" in caplog.text
     with pytest.raises(UserInputError, match="--captions_file"):
-        compute_caption_metrics({"b": "a cat"}, {"b": ["..."]})
+        simple_metrics({"b": "a cat"}, {"b": ["..."]})
 
 
 # ---------------------------------------------------------------------------
@@ -319,18 +323,22 @@ def test_fgd_needs_two_captions_per_set():
 
 
 def test_score_captions_flat_dict_and_fgd_fallbacks(tmp_path, offline):
-    disabled = score_captions(PREDICTIONS, REFERENCES, fgd_model=None)
-    assert set(evaluation.METRIC_KEYS) | {"fgd_note"} == set(disabled)
+    disabled = score_captions(PREDICTIONS, REFERENCES, fgd_model=None, caption_tokenizer="simple", java=None)
+    notes = {"fgd_note", "meteor_note", "spice_note", "caption_tokenizer", "confidence"}
+    assert set(evaluation.METRIC_KEYS) | notes == set(disabled)
     assert disabled["fgd"] is None and "disabled" in disabled["fgd_note"]
-    assert disabled["cider"] == pytest.approx(compute_caption_metrics(PREDICTIONS, REFERENCES)["cider"])
-    missing = score_captions(PREDICTIONS, REFERENCES, fgd_model=str(tmp_path / "nope"))
+    assert disabled["meteor"] is None and "--java none" in disabled["meteor_note"]
+    assert disabled["spice"] is None and "CoreNLP 3.6.0" in disabled["spice_note"]
+    assert disabled["caption_tokenizer"] == "simple"
+    assert disabled["cider"] == pytest.approx(simple_metrics(PREDICTIONS, REFERENCES)["cider"])
+    missing = score_captions(PREDICTIONS, REFERENCES, fgd_model=str(tmp_path / "nope"), caption_tokenizer="simple", java=None)
     assert missing["fgd"] is None and missing["bleu_4"] == disabled["bleu_4"]
 
 
 def test_score_captions_with_local_encoder(encoder_folder, offline):
     refs = {f"{i}.jpg": FGD_REFERENCES[2 * i : 2 * i + 2] for i in range(6)}
     preds = {f"{i}.jpg": PARAPHRASES[i] for i in range(6)}
-    result = score_captions(preds, refs, fgd_model=encoder_folder)
+    result = score_captions(preds, refs, fgd_model=encoder_folder, java=None)
     assert result["fgd"] > 0 and result["num_images"] == 6 and result["num_references"] == 12
 
 

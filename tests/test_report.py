@@ -50,15 +50,15 @@ def test_per_image_scores_equal_pycocoevalcap_on_normalised_text():
     _, bleu = Bleu(4).compute_score(gts, res, verbose=0)
     _, cider = Cider().compute_score(gts, res)
 
-    scores = compute_per_image_scores(predictions, references)
+    scores = compute_per_image_scores(predictions, references, caption_tokenizer="simple")
     assert list(scores) == list(gts)
     for i, name in enumerate(gts):
         assert scores[name]["bleu_4"] == pytest.approx(bleu[3][i], abs=1e-12), name
         assert scores[name]["cider"] == pytest.approx(cider[i], abs=1e-12), name
     assert scores["a.jpg"]["bleu_4"] == pytest.approx(1.0)  # identical to a reference after normalisation
-    assert scores["d.jpg"] == {"cider": 0.0, "bleu_4": pytest.approx(0.0, abs=1e-6)}
+    assert scores["d.jpg"] == {"cider": 0.0, "bleu_4": pytest.approx(0.0, abs=1e-6), "rouge_l": 0.0}
     # Same image set and document frequencies as the corpus metric: the per-image values average to it.
-    corpus = compute_caption_metrics(predictions, references)
+    corpus = compute_caption_metrics(predictions, references, caption_tokenizer="simple")
     assert sum(s["cider"] for s in scores.values()) / len(scores) == pytest.approx(corpus["cider"], abs=1e-12)
 
 
@@ -143,7 +143,7 @@ def test_val_predictions_keep_the_other_column_when_one_is_updated(tmp_path):
 
 def _eval_args(run: Path, data_dir: Path) -> list[str]:
     return ["--eval", "--test_dir", str(data_dir / "test"), "--captions_file", str(data_dir / "captions.csv"),
-            "--output_dir", str(run), "--fgd_model", "none", "--num_workers", "0", "--max_new_tokens", "8"]
+            "--output_dir", str(run), "--fgd_model", "none", "--java", "none", "--num_workers", "0", "--max_new_tokens", "8"]
 
 
 def test_training_keeps_records_and_eval_report_shows_them(trained_run, data_dir):
@@ -161,7 +161,8 @@ def test_training_keeps_records_and_eval_report_shows_them(trained_run, data_dir
         rows = list(csv.reader(handle))[1:]
     predictions = {r[0]: r[1] for r in rows}
     references = {r[0]: [c for c in r[2:] if c] for r in rows}
-    expected = compute_per_image_scores(predictions, references)
+    tokenizer = json.loads((trained_run / "eval_results.json").read_text())["caption_tokenizer"]
+    expected = compute_per_image_scores(predictions, references, tokenizer)
     shown = _rows(page)
     assert len(shown) == 8 and {r["data-name"] for r in shown} == set(predictions)
     for row in shown:
@@ -184,7 +185,7 @@ def test_predictions_file_report_and_a_failing_report_does_not_fail_eval(data_di
         csv.writer(handle).writerows([("image_name", "caption")] + [(f"test/{n}", "a red circle") for n in names])
     out = tmp_path / "out"
     args = ["--eval", "--predictions_file", str(preds), "--captions_file", str(data_dir / "captions.csv"),
-            "--output_dir", str(out), "--fgd_model", "none"]
+            "--output_dir", str(out), "--fgd_model", "none", "--java", "none"]
     assert main(args) == 0
     page = (out / "report.html").read_text(encoding="utf-8")
     assert ElementCounter(page).tags["img"] == len(names)  # found beside the captions file
@@ -204,7 +205,7 @@ def test_eval_of_a_base_model_writes_a_report_without_run_records(tiny_model_dir
     out = tmp_path / "base_eval"
     assert main(["--eval", "--model_name", str(tiny_model_dir), "--test_dir", str(data_dir / "test"),
                  "--captions_file", str(data_dir / "captions.csv"), "--output_dir", str(out),
-                 "--fgd_model", "none", "--num_workers", "0", "--max_new_tokens", "4"]) == 0
+                 "--fgd_model", "none", "--java", "none", "--num_workers", "0", "--max_new_tokens", "4"]) == 0
     page = (out / "report.html").read_text(encoding="utf-8")
     parsed = ElementCounter(page)
     assert len(_rows(page)) == 8 and parsed.tags["img"] == 8

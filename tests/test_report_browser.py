@@ -93,7 +93,7 @@ def report_file(tmp_path_factory) -> Path:
             writer.writerow((name, HOSTILE_CAPTIONS.get(name, caption)))
     out = folder / "eval"
     assert main(["--eval", "--predictions_file", str(folder / "preds.csv"), "--captions_file",
-                 str(folder / "refs.csv"), "--output_dir", str(out), "--fgd_model", "none"]) == 0
+                 str(folder / "refs.csv"), "--output_dir", str(out), "--fgd_model", "none", "--java", "none"]) == 0
     return out / "report.html"
 
 

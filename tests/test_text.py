@@ -62,8 +62,9 @@ def test_tidy_caption_cases(text, expected):
 def test_wordpiece_round_trip_scores_one(bert_tokenizer):
     references = {f"img{i}": [s] for i, s in enumerate(SENTENCES)}
     predictions = {name: _round_trip(bert_tokenizer, refs[0]) for name, refs in references.items()}
-    spaced = compute_caption_metrics(predictions, references)
-    exact = compute_caption_metrics({name: refs[0] for name, refs in references.items()}, references)
+    # Today's normalisation, pinned: under ptb a raw WordPiece decode scores lower (see test_protocol.py).
+    spaced = compute_caption_metrics(predictions, references, caption_tokenizer="simple")
+    exact = compute_caption_metrics({name: refs[0] for name, refs in references.items()}, references, caption_tokenizer="simple")
     for key in ("bleu_1", "bleu_4", "rouge_l", "rouge_1", "rouge_2"):
         assert spaced[key] == pytest.approx(1.0), key
     assert spaced["cider"] == pytest.approx(exact["cider"]) and spaced["cider"] > 1.0
@@ -79,7 +80,8 @@ def test_eval_predictions_file_of_wordpiece_text_scores_one(bert_tokenizer, tmp_
             r_writer.writerow([f"{i}.jpg", sentence])
             p_writer.writerow([f"{i}.jpg", _round_trip(bert_tokenizer, sentence)])
     assert main(["--eval", "--predictions_file", str(preds), "--captions_file", str(refs),
-                 "--output_dir", str(tmp_path / "out"), "--fgd_model", "none"]) == 0
+                 "--output_dir", str(tmp_path / "out"), "--fgd_model", "none", "--caption_tokenizer", "simple",
+                 "--java", "none"]) == 0
     results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert results["bleu_4"] == pytest.approx(1.0) and results["rouge_l"] == pytest.approx(1.0)
 

@@ -18,7 +18,8 @@ MERGE_BASES = ("dequantized", "original")
 CACHE_SETTINGS = ("auto", "on", "off")
 VISION_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # GIT's CLIP vision tower
 MERGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
-CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "rouge_1", "rouge_2")
+CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "rouge_1", "rouge_2")
+CAPTION_TOKENIZERS = ("auto", "ptb", "simple")
 DEFAULT_TARGET_MODULES = ("query", "key", "value", "dense")  # every Linear of GIT's text decoder
 # --report_to: the Trainer's integrations offered here, with the package each needs and how to install it.
 TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "mlflow": ("mlflow", "pip install mlflow"),
@@ -100,6 +101,8 @@ class Config:
     fgd_model: str | None = "thenlper/gte-small"
     merge_base: str = "dequantized"
     merge_dtype: str = "auto"
+    caption_tokenizer: str = "auto"  # ptb (the COCO protocol, needs Java) when Java runs, else simple
+    java: str | None = "java"  # the Java executable for PTBTokenizer and METEOR; None: no Java
     # demo
     demo_scale: float = 1.0
     clip_model: str | None = "openai/clip-vit-base-patch32"  # None: --clip_model none, no CLIP-S
@@ -167,6 +170,9 @@ def _check_choices(config: Config, problems: list[str]) -> None:
     _check_choice(problems, "--merge_dtype", config.merge_dtype, MERGE_DTYPES)
     _check_choice(problems, "--metric_for_best_model", config.metric_for_best_model, ("loss",) + CAPTION_METRICS)
     _check_choice(problems, "--cache_image_features", config.cache_image_features, CACHE_SETTINGS)
+    _check_choice(problems, "--caption_tokenizer", config.caption_tokenizer, CAPTION_TOKENIZERS)
+    if config.caption_tokenizer == "ptb" and config.java is None:
+        problems.append("--caption_tokenizer ptb runs the PTBTokenizer in Java, but --java is none; give --java or use simple.")
     vision = [name for name in config.lora_target_modules if name in VISION_TARGET_MODULES]
     if config.cache_image_features == "on" and vision:
         problems.append(
