@@ -1,5 +1,6 @@
 """--demo: generate a captioned dataset, get a base GIT, then run --eval, --train, --eval, --inference, --merge_weights on it."""
 
+import hashlib
 import json
 import logging
 import os
@@ -122,6 +123,42 @@ def build_base_model(folder: Path, plan: DemoPlan, seed: int) -> dict:
     return pretrain_small_git(folder, examples, settings)
 
 
+def base_model_key(plan: DemoPlan, seed: int) -> dict:
+    """Everything that decides the pretrained stand-in: sizes, data, steps, seed, vocabulary, code, library versions."""
+    import torch
+    import transformers
+
+    import models.small_git
+
+    code = hashlib.sha256()
+    for module in (models.small_git, demo_data):  # the model builder, the pretraining loop and the pictures
+        code.update(Path(module.__file__).read_bytes())
+    return {
+        "size": asdict(SmallGitSize(image_size=plan.image_size)), "pretrain_images": plan.pretrain_images,
+        "pretrain": {**asdict(plan.pretrain), "seed": seed},
+        "vocabulary": hashlib.sha256("\n".join(demo_data.every_caption()).encode()).hexdigest()[:16],
+        "code": code.hexdigest()[:16], "torch": torch.__version__, "transformers": transformers.__version__,
+    }
+
+
+def obtain_base_model(folder: Path, plan: DemoPlan, seed: int) -> dict:
+    """The pretrained stand-in in folder: copied from the user cache when an intact copy of the same key is
+    there, else built, pretrained and then kept in the cache for the next --demo."""
+    from utils.user_cache import read_cached_folder, store_folder, user_cache_dir
+
+    key = base_model_key(plan, seed)
+    entry = user_cache_dir("demo_base_model", hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20])
+    manifest = read_cached_folder(entry) if entry.is_dir() else None
+    if manifest is not None:
+        shutil.copytree(entry, folder, ignore=shutil.ignore_patterns("cache_manifest.json"))
+        logger.info("Reused the pretrained base model from the user cache %s (delete it to pretrain again).", entry)
+        return {**manifest["pretraining"], "cached_copy": str(entry)}
+    stats = build_base_model(folder, plan, seed)
+    if store_folder(folder, entry, {"key": key, "pretraining": stats}):
+        logger.info("Kept the pretrained base model in the user cache %s; the next --demo reuses it.", entry)
+    return {**stats, "cached_copy": None}
+
+
 def log_hub_model_choice(model_name: str) -> None:
     from models.git_qlora import resolve_device
 
@@ -234,7 +271,7 @@ def prepare_inputs(config: Config, plan: DemoPlan, out: Path, timer: StageTimer)
         if config.model_name is not None:
             log_hub_model_choice(config.model_name)
             return config.model_name, None
-        return str(out / "base_model"), build_base_model(out / "base_model", plan, config.seed)
+        return str(out / "base_model"), obtain_base_model(out / "base_model", plan, config.seed)
 
 
 def run_modes(config: Config, plan: DemoPlan, out: Path, base: str, timer: StageTimer) -> None:

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random GIT checkpoint and a small captioned image folder, built offline."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ import pytest
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")  # see git_qlora_main.py: shared cores, spinning threads
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub fails fast instead of hanging
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The demo keeps its pretrained base model in the user cache; tests keep theirs in a throwaway folder.
+os.environ.setdefault("GIT_QLORA_CACHE", tempfile.mkdtemp(prefix="git_qlora_test_cache_"))
 
 from models.small_git import SmallGitSize, build_small_git  # noqa: E402
 from utils.demo_data import every_caption, write_demo_dataset  # noqa: E402

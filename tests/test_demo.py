@@ -163,3 +163,46 @@ def test_full_demo_shows_learning(tmp_path):
     assert all(target["met"] for target in report["targets"].values()) and report["targets_apply"]
     assert report["seconds"]["total"] < 600
     assert report["fast_vs_fp32"]["caption_agreement"] >= 0.95 and report["fast_vs_fp32"]["images"] == 60
+
+
+def test_the_pretrained_base_model_is_kept_in_the_user_cache_and_reused(tmp_path, monkeypatch, caplog):
+    import scripts.demo as demo
+
+    monkeypatch.setenv("GIT_QLORA_CACHE", str(tmp_path / "cache"))
+    plan = DemoPlan().scaled(0.01)
+    first = demo.obtain_base_model(tmp_path / "a", plan, seed=3)
+    assert first["cached_copy"] is None
+    entries = list((tmp_path / "cache" / "demo_base_model").iterdir())
+    assert len(entries) == 1 and (entries[0] / "cache_manifest.json").is_file()
+
+    def no_pretraining(*args):
+        raise AssertionError("the cached base model should have been reused")
+
+    monkeypatch.setattr(demo, "build_base_model", no_pretraining)
+    second = demo.obtain_base_model(tmp_path / "b", plan, seed=3)
+    assert second["cached_copy"] == str(entries[0]) and second["final_loss"] == first["final_loss"]
+    for name in ("model.safetensors", "config.json", "vocab.txt"):
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+    assert not (tmp_path / "b" / "cache_manifest.json").exists()
+    # Another seed is another model: never served from this entry.
+    with pytest.raises(AssertionError, match="should have been reused"):
+        demo.obtain_base_model(tmp_path / "c", plan, seed=4)
+
+
+def test_a_damaged_cached_base_model_is_rebuilt_not_used(tmp_path, monkeypatch, caplog):
+    import scripts.demo as demo
+
+    monkeypatch.setenv("GIT_QLORA_CACHE", str(tmp_path / "cache"))
+    plan = DemoPlan().scaled(0.01)
+    demo.obtain_base_model(tmp_path / "a", plan, seed=3)
+    (entry,) = (tmp_path / "cache" / "demo_base_model").iterdir()
+    weights = entry / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(8)  # a torn write: the last weights zeroed
+    weights.write_bytes(bytes(data))
+    rebuilt = demo.obtain_base_model(tmp_path / "b", plan, seed=3)
+    assert rebuilt["cached_copy"] is None
+    assert "does not match its manifest" in caplog.text
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() != bytes(data)
+    # The entry was replaced by a good copy, which the next run reuses.
+    assert demo.obtain_base_model(tmp_path / "c", plan, seed=3)["cached_copy"] == str(entry)
