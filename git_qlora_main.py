@@ -106,6 +106,8 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--merge_base", default="dequantized", help="dequantized (the 4-bit weights the adapter was trained on) or original (full precision)")
     g.add_argument("--merge_dtype", default="auto", help="auto (float32 on the CPU, the training dtype on a GPU), float32, float16, bfloat16")
     g.add_argument("--demo_scale", type=float, default=1.0, help="shrink the demo (0..1] for a quick check")
+    g.add_argument("--compile", default="auto", help="captioning and feature caching: torch.compile the vision tower: on, off, or auto (when the job is large enough that compiling, ~40 s once per machine on a CPU, pays; the log says why). Failures fall back to eager")
+    g.add_argument("--caption_precision", default="auto", help="captioning and feature caching: auto (the compute dtype --bnb_4bit_compute_dtype resolves to: bf16 where native, else fp32), bf16, fp32 (the exact path; shorthand for that --bnb_4bit_compute_dtype), or int8 (torchao int8 vision tower on top of the compute dtype; opt-in, needs torchao and VNNI on CPUs)")
 
 
 def build_parser() -> argparse.ArgumentParser:

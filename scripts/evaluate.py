@@ -42,7 +42,7 @@ def _caption_run_images(config) -> tuple[dict[str, str], dict[str, list[str]], d
     references: dict[str, list[str]] = {}
     for example in examples:
         references.setdefault(example.image_name, []).append(example.caption)
-    model, processor, config, description = load_caption_model(config)
+    model, processor, config, description = load_caption_model(config, len(references))
     logger.info("Evaluating %s on %d images of %s", description, len(references), label)
     result = caption_across_ranks(
         model, processor, source, sorted(references), config.batch_size, config.generation_tokens,

@@ -152,8 +152,18 @@ def _require_folder(path: Path, what: str, command: str) -> Path:
     return path
 
 
-def load_caption_model(config: Config):
-    """(model, processor, config, description) for captioning: a run's adapter or merged model, or --model_name."""
+def load_caption_model(config: Config, images: int = 0):
+    """(model, processor, config, description) for captioning `images` images: a run's adapter or merged model, or
+    --model_name; its vision tower compiled / int8 as --compile and --caption_precision say (models/caption_speed.py)."""
+    from models.caption_speed import speed_up_vision_tower
+
+    model, processor, config, description = _load_model_for_captions(config.caption_config)
+    share = -(-images // distributed.world_size())  # each rank captions its share
+    faster = speed_up_vision_tower(model, config.compile, config.caption_precision, resolve_device(), share, config.batch_size)
+    return model, processor, config, f"{description}{', ' + faster if faster else ''}"
+
+
+def _load_model_for_captions(config: Config):
     device = resolve_device()
     run_file = Path(config.output_dir) / "run_config.json"
     if config.model_name is not None and not run_file.is_file():
@@ -259,8 +269,9 @@ def caption_directory(config: Config, model, processor, images: tuple | None = N
 
 def run_inference(config: Config) -> int:
     """--inference: caption --test_image (stdout) or every image of --test_dir (a CSV)."""
-    images = images_to_caption(config) if config.dataset is not None else None  # a bad dataset fails before the model loads
-    model, processor, config, description = load_caption_model(config)
+    # A bad dataset or folder fails before the model loads.
+    images = images_to_caption(config) if config.test_image is None else None
+    model, processor, config, description = load_caption_model(config, len(images[1]) if images else 1)
     logger.info("Captioning with %s", description)
     if config.test_image is not None:
         return caption_one_image(config, model, processor)
