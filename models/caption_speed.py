@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,7 +182,10 @@ def dequantize_4bit_layers(module: torch.nn.Module, dtype: torch.dtype) -> None:
         return
     for name, child in list(module.named_modules()):
         if isinstance(child, bnb.nn.Linear4bit):
-            weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).to(dtype)
+            data, state = child.weight.data, child.weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):  # repacked by an inference call (GIT_NOTES.md)
+                data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
+            weight = bnb.functional.dequantize_4bit(data, state).to(dtype)
             plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                     device=weight.device, dtype=dtype)
             plain.weight.data.copy_(weight)
@@ -275,3 +279,38 @@ def speed_up_vision_tower(model, compile_setting: str, precision: str, device: s
     else:
         git.image_encoder = encoder
     return ", ".join(done)
+
+
+@contextmanager
+def fast_vision_tower_for_filling(model, compile_setting: str, precision: str, device: str, images: int, batch_size: int,
+                                  dtype: torch.dtype):
+    """Within the block, `model`'s vision tower is a compiled and/or int8 copy in `dtype` (the cache's), where the
+    settings and the job size ask for one; the training model's own (4-bit) tower is put back on exit untouched."""
+    from models.vision_cache import git_model
+
+    git = git_model(model)
+    original = git.image_encoder
+    if compile_setting == "off" and precision != "int8":
+        yield model
+        return
+    copy = _plain_copy(original, dtype)
+    holder = torch.nn.Module()  # speed_up_vision_tower works on anything with a .git holding .image_encoder
+    holder.git = torch.nn.Module()
+    holder.git.image_encoder = copy
+    done = speed_up_vision_tower(holder, compile_setting, precision, device, images, batch_size)
+    git.image_encoder = holder.git.image_encoder if done else original
+    if done:
+        logger.info("Filling the feature cache with a %s", done)
+    try:
+        yield model
+    finally:
+        git.image_encoder = original
+
+
+def _plain_copy(encoder: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of the tower with plain Linear layers in `dtype` (4-bit layers dequantized), in eval mode."""
+    import copy
+
+    clone = copy.deepcopy(encoder)
+    dequantize_4bit_layers(clone, dtype)
+    return clone.to(dtype).eval().requires_grad_(False)

@@ -128,3 +128,27 @@ def test_inductor_compiled_captions_equal_eager(tiny_model_dir, data_dir):
     speed_up_vision_tower(model, "on", "auto", "cpu", 8, 3)
     assert _captions(model, processor, data_dir) == eager
     assert model.git.image_encoder.compiled is not None
+
+
+def test_cache_filling_tower_gives_the_training_towers_features_and_is_put_back(tiny_model_dir, data_dir, monkeypatch):
+    from PIL import Image
+
+    from models.caption_speed import fast_vision_tower_for_filling
+    from models.git_qlora import load_base_model
+    from models.vision_cache import encode_images
+    from utils.config import Config
+
+    model = load_base_model(Config(mode="train", model_name=str(tiny_model_dir)), "cpu")  # the 4-bit training base
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    images = [Image.open(data_dir / "test" / name).convert("RGB") for name in sorted(find_images(data_dir / "test"))[:5]]
+    pixels = processor(images=images, return_tensors="pt").pixel_values
+    original = model.git.image_encoder
+    reference = encode_images(model, pixels, torch.bfloat16)
+    monkeypatch.setattr(caption_speed, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    with fast_vision_tower_for_filling(model, "on", "auto", "cpu", 5, 4, torch.bfloat16):
+        assert isinstance(model.git.image_encoder, FastVisionTower)
+        fast = torch.cat([encode_images(model, pixels[:4], torch.bfloat16), encode_images(model, pixels[4:], torch.bfloat16)])
+    assert model.git.image_encoder is original
+    # The same values up to bf16 rounding: the 4-bit kernels dequantize to bf16 on every call, the copy once.
+    assert (fast.float() - reference.float()).norm() / reference.float().norm() < 0.02
