@@ -172,6 +172,7 @@ def setup_logging() -> None:
     # bitsandbytes looks for optional CPU kernels on the hub; offline that warning is noise.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score announces its tokenizer
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao 0.18's import (via PEFT) warns about torch's deprecations
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for category, message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)

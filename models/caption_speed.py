@@ -81,7 +81,10 @@ def plan_compile(setting: str, images: int, device: str, flops_per_image: float,
 
 def inductor_cache_dir() -> Path:
     """Inductor's on-disk cache: TORCHINDUCTOR_CACHE_DIR if the user set it, else under the user cache."""
-    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # torch writes its own default (under /tmp, lost on reboot) into the variable once it has looked it up.
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(user_cache_dir("torchinductor"))
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
@@ -135,11 +138,16 @@ def cpu_has_vnni() -> bool:
 
 def int8_unavailable(device: str) -> str | None:
     """Why int8 cannot run here (for the one warning), or None."""
+    quiet = logging.getLogger("torch.utils._pytree")  # torchao 0.18's import warns about torch's own deprecations
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         import torchao
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig  # noqa: F401
     except ImportError:
         return "torchao is not installed (pip install 'torchao>=0.8')"
+    finally:
+        quiet.setLevel(level)
     version = tuple(int(p) for p in torchao.__version__.split("+")[0].split(".")[:2] if p.isdigit())
     if version < INT8_MIN_TORCHAO:
         return f"torchao {torchao.__version__} is too old (pip install -U 'torchao>=0.8')"
@@ -221,6 +229,7 @@ class FastVisionTower(torch.nn.Module):
         self.encoder, self.config, self.batch_size, self.key = encoder, encoder.config, batch_size, key
         self.compiled = torch.compile(_LastHiddenState(encoder.vision_model), dynamic=False, backend=backend or COMPILE_BACKEND) if compile_graph else None
         self.first_call = True
+        self.train(encoder.training)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs):
         count = pixel_values.shape[0]

@@ -342,6 +342,26 @@ def compare_models(reference, candidate, processor, images: list) -> dict:
     }
 
 
+def precision_agreement(config: Config, merged, processor, images: list, reference: list[str]) -> dict:
+    """Agreement with the fp32 adapter's captions of the merged model as --use_merged captions with it: in the
+    captioning dtype (--caption_precision auto) and with an int8 vision tower (int8; absent where it cannot run)."""
+    import copy
+
+    from models.caption_speed import speed_up_vision_tower
+
+    device, result = resolve_device(), {}
+    dtype = resolve_compute_dtype(config.caption_config, device)
+    for precision in ("auto", "int8"):
+        model = copy.deepcopy(merged).to(dtype)
+        if precision == "int8" and not speed_up_vision_tower(model, "off", "int8", device, len(images), len(images)):
+            continue
+        captions = generate_captions(model, processor, images)
+        same = sum(a == b for a, b in zip(reference, captions))
+        result[precision] = {"caption_agreement": same / len(images), "images": len(images), "dtype": str(dtype).replace("torch.", "")}
+        del model
+    return result
+
+
 def merge_weights(config: Config) -> int:
     """--merge_weights: write RUN/merged_model (plain transformers) and RUN/merge_report.json."""
     run_settings = require_run(config.output_dir)
@@ -360,6 +380,7 @@ def merge_weights(config: Config) -> int:
         adapter_model = load_adapter_model(config.replace(bnb_4bit_compute_dtype="float32"), adapter_dir, device)
         report.update(compare_models(adapter_model, merged, processor, images))
         del adapter_model
+        report["precisions_vs_fp32"] = precision_agreement(config, merged, processor, images, [s["adapter"] for s in report["samples"]])
         logger.info("Merge fidelity on %d images: captions agree %.0f%%, max |logit diff| %.4g",
                     report["images"], 100 * report["caption_agreement"], report["max_abs_logit_diff"])
     tmp = run_dir / ".merged_model.tmp"
