@@ -71,7 +71,8 @@ def test_static_graph_pads_the_last_batch_and_gives_the_same_captions(tiny_model
     assert "compiled" in speed_up_vision_tower(model, "on", "auto", "cpu", 8, 3)
     with torch._dynamo.config.patch(error_on_recompile=True):  # the short last batch must not recompile
         assert _captions(model, processor, data_dir) == eager
-    assert model.git.image_encoder.compiled is not None  # it ran compiled, no fallback
+    tower = model.git.image_encoder
+    assert tower.compiled is not None and not tower.first_call  # it ran compiled, no fallback
 
 
 def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tiny_model_dir, data_dir, monkeypatch, caplog):
@@ -127,7 +128,7 @@ def test_inductor_compiled_captions_equal_eager(tiny_model_dir, data_dir):
     torch._dynamo.reset()
     speed_up_vision_tower(model, "on", "auto", "cpu", 8, 3)
     assert _captions(model, processor, data_dir) == eager
-    assert model.git.image_encoder.compiled is not None
+    assert model.git.image_encoder.compiled is not None and not model.git.image_encoder.first_call
 
 
 def test_cache_filling_tower_gives_the_training_towers_features_and_is_put_back(tiny_model_dir, data_dir, monkeypatch):
