@@ -37,6 +37,11 @@ def parse_args():
     parser.add_argument("--train_images", type=int, default=64, help="training pictures, one caption each")
     parser.add_argument("--test_images", type=int, default=96, help="pictures to caption (enough that the first batch's warm-up is a small share)")
     parser.add_argument("--reference_steps", type=int, default=8, help="timed steps of the full fine-tune (after one warm-up)")
+    parser.add_argument("--only", choices=("all", "captioning"), default="all",
+                        help="captioning: skip the training comparison (the run is trained for 2 steps, enough to caption with)")
+    parser.add_argument("--rows", help="comma-separated rows of the fast-path table to run (default: all); caption_fp32 and "
+                        "eager_ceiling always run, being what the others are compared with")
+    parser.add_argument("--reuse_run", action="store_true", help="keep OUT/runs/run from an earlier invocation instead of training it again")
     parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one measurement in this process
     return parser.parse_args()
 
@@ -142,11 +147,168 @@ def project_caption(out: Path, merged: bool) -> dict:
     return {"images_per_second": float(rate.group(1)), "model": model.group(1) if model else None, "peak_rss_mb": rss}
 
 
+# ---------------------------------------------------------------------------
+# Past the eager ceiling (issue 18): every row captions the same test pictures; agreement is against the fp32 row.
+# ---------------------------------------------------------------------------
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def test_names(out: Path) -> list[str]:
+    from utils.dataset_utils import find_images
+
+    return sorted(find_images(out / "data" / "test"))
+
+
+def eager_ceiling(out: Path, args) -> dict:
+    """Bare transformers generate with the merged weights in bf16 at batch 8: the eager ceiling (no project code)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoProcessor
+    from PIL import Image
+
+    folder = out / "runs" / "run" / "merged_model"
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    names = test_names(out)
+    captions, seconds = {}, []
+    for repeat in range(2):  # the first pass warms up (allocator, oneDNN primitives), the second is timed
+        start = time.perf_counter()
+        for i in range(0, len(names), CAPTION_BATCH):
+            batch = names[i:i + CAPTION_BATCH]
+            images = [Image.open(out / "data" / "test" / n).convert("RGB") for n in batch]
+            pixel_values = processor(images=images, return_tensors="pt").pixel_values.to(torch.bfloat16)
+            with torch.no_grad():
+                ids = model.generate(pixel_values=pixel_values, max_new_tokens=TOKENS, do_sample=False)
+            captions.update(zip(batch, processor.batch_decode(ids, skip_special_tokens=True)))
+        seconds.append(time.perf_counter() - start)
+    from utils.text import tidy_caption
+
+    return {"images_per_second": len(names) / seconds[-1], "warm_up_seconds": seconds[0], "load": load(),
+            "captions": {k: tidy_caption(v) for k, v in captions.items()}}
+
+
+def product_caption(out: Path, merged: bool, compile_: str, precision: str) -> dict:
+    """This project's captioning code (load_caption_model + caption_folder, as --inference runs them) in this
+    process: one batch first (the compile, if any, happens there), then the whole folder timed."""
+    from git_qlora_main import build_config, build_parser
+    from scripts.inference import caption_folder, load_caption_model
+
+    names = test_names(out)
+    argv = ["--inference", "--test_dir", str(out / "data" / "test"), "--output_dir", str(out / "runs" / "run"),
+            "--batch_size", str(CAPTION_BATCH), "--max_new_tokens", str(TOKENS), "--num_workers", "0",
+            "--compile", compile_, "--caption_precision", precision] + (["--use_merged"] if merged else [])
+    config = build_config(build_parser().parse_args(argv))
+    start = time.perf_counter()
+    model, processor, config, description = load_caption_model(config, len(names))
+    load_seconds = time.perf_counter() - start
+    first = caption_folder(model, processor, out / "data" / "test", names[:CAPTION_BATCH], CAPTION_BATCH, TOKENS, progress=False)
+    result = caption_folder(model, processor, out / "data" / "test", names, CAPTION_BATCH, TOKENS, progress=False)
+    return {"images_per_second": result.images_per_second, "first_batch_seconds": first.seconds,
+            "load_seconds": load_seconds, "model": description, "load": load(), "captions": result.captions}
+
+
+def fill_rate(out: Path, compile_: str, precision: str) -> dict:
+    """Feature-cache filling as --train does it: the 4-bit training base's vision tower (under bf16 autocast where
+    native), batches of 16, through fast_vision_tower_for_filling; one batch first (compile), then all timed."""
+    import torch
+    from PIL import Image
+
+    from git_qlora_main import build_config, build_parser
+    from models.caption_speed import fast_vision_tower_for_filling
+    from models.git_qlora import load_base_model, load_processor, resolve_base_dtype, resolve_device, training_autocast
+    from models.vision_cache import encode_images
+
+    config = build_config(build_parser().parse_args(["--train", "--train_dir", str(out / "data" / "train"),
+                                                     "--model_name", str(out / "model"), "--compile", compile_]))
+    if precision == "fp32":  # the reference: the 4-bit tower computing in fp32, no autocast
+        config = config.replace(bnb_4bit_compute_dtype="float32")
+    else:
+        config = config.replace(caption_precision=precision)
+    device, batch = resolve_device(), 16
+    model, processor = load_base_model(config, device), load_processor(str(out / "model"))
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(training_autocast(config, device))
+    dtype = autocast or resolve_base_dtype(config, device)
+    names = test_names(out)
+    pixels = processor(images=[Image.open(out / "data" / "test" / n).convert("RGB") for n in names], return_tensors="pt").pixel_values
+    with fast_vision_tower_for_filling(model, compile_, precision, device, len(names), batch, dtype):
+        start = time.perf_counter()
+        reference = encode_images(model, pixels[:batch], autocast)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        features = torch.cat([encode_images(model, pixels[i:i + batch], autocast) for i in range(0, len(names), batch)])
+        seconds = time.perf_counter() - start
+    torch.save(features.float(), out / f"features_{compile_}_{precision}.pt")
+    return {"images_per_second": len(names) / seconds, "first_batch_seconds": first, "load": load()}
+
+
+def fill_row(compile_: str, precision: str):
+    def run(out: Path, args) -> dict:
+        import torch
+
+        result = fill_rate(out, compile_, precision)
+        mine, exact = torch.load(out / f"features_{compile_}_{precision}.pt"), torch.load(out / "features_off_fp32.pt")
+        result["relative_error_vs_fp32"] = float((mine - exact).norm() / exact.norm())
+        return result
+
+    return run
+
+
+def quick_run(out: Path, args) -> dict:
+    """A run folder to caption with, without the training comparison: 2 steps of --train, then --merge_weights."""
+    data = out / "data"
+    run_cli(["--train", "--train_dir", str(data / "train"), "--captions_file", str(data / "one_caption.csv"),
+             "--model_name", str(out / "model"), "--output_dir", str(out / "runs"), "--run_name", "run", "--max_steps", "2",
+             "--batch_size", str(TRAIN_BATCH), "--split_ratio", "0", "--fgd_model", "none"])
+    return {"stderr_tail": run_cli(["--merge_weights", "--output_dir", str(out / "runs" / "run")])[0][-300:]}
+
+
+FAST_PARTS = {
+    "caption_fp32": lambda out, args: product_caption(out, True, "off", "fp32"),
+    "eager_ceiling": eager_ceiling,
+    "caption_merged_eager": lambda out, args: product_caption(out, True, "off", "auto"),
+    "caption_merged_compiled_cold": lambda out, args: product_caption(out, True, "on", "auto"),
+    "caption_merged_compiled_warm": lambda out, args: product_caption(out, True, "on", "auto"),
+    "caption_merged_int8": lambda out, args: product_caption(out, True, "off", "int8"),
+    "caption_merged_int8_compiled": lambda out, args: product_caption(out, True, "on", "int8"),
+    "caption_adapter_eager": lambda out, args: product_caption(out, False, "off", "auto"),
+    "caption_adapter_compiled": lambda out, args: product_caption(out, False, "on", "auto"),
+    "fill_fp32": lambda out, args: fill_rate(out, "off", "fp32"),
+    "fill_eager": fill_row("off", "auto"),
+    "fill_compiled": fill_row("on", "auto"),
+    "fill_int8": fill_row("off", "int8"),
+    "fill_int8_compiled": fill_row("on", "int8"),
+}
+
+
+def summarise_fast(results: dict) -> dict:
+    """Each captioning row's speed against the eager ceiling of the same run, and its agreement with fp32."""
+    exact, ceiling = results["caption_fp32"]["captions"], results["eager_ceiling"]["images_per_second"]
+    rows = {}
+    for name, row in results.items():
+        if isinstance(row, dict) and "captions" in row:
+            same = sum(row["captions"].get(k) == v for k, v in exact.items())
+            rows[name] = {"images_per_second": round(row["images_per_second"], 2), "vs_eager_ceiling": round(row["images_per_second"] / ceiling, 3),
+                          "caption_agreement_vs_fp32": same / max(1, len(exact)), "load": row.get("load")}
+    for name, row in results.items():
+        if name.startswith("fill_") and "fill_eager" in results:
+            rows[name] = {"images_per_second": round(row["images_per_second"], 2), "load": row.get("load"),
+                          "vs_fill_eager": round(row["images_per_second"] / results["fill_eager"]["images_per_second"], 3),
+                          "relative_error_vs_fp32": row.get("relative_error_vs_fp32")}
+    rows["compile_seconds"] = {f"{name}_first_batch": results[name]["first_batch_seconds"] for name in
+                               ("caption_merged_compiled_cold", "caption_merged_compiled_warm", "caption_merged_eager")
+                               if name in results}
+    return rows
+
+
 def run_part(name: str, args) -> dict:
     """One measurement in a fresh process, so neither memory nor warm caches carry over."""
+    # Inductor's cache in the output folder, emptied at the start: the first compiled row is cold, the next warm.
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(args.output_dir / "inductor_cache")}
     proc = subprocess.run([sys.executable, __file__, "--part", name, "--output_dir", str(args.output_dir),
                            "--train_images", str(args.train_images), "--test_images", str(args.test_images),
-                           "--reference_steps", str(args.reference_steps)], capture_output=True, text=True, cwd=ROOT)
+                           "--reference_steps", str(args.reference_steps)], capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark part {name} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -179,20 +341,28 @@ def main() -> int:
     args.output_dir = out
     if args.part:
         os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-        print(json.dumps(PARTS[args.part](out, args)))
+        print(json.dumps({**PARTS, **FAST_PARTS, "quick_run": quick_run}[args.part](out, args)))
         return 0
     import torch
 
     prepare(out, args)
-    shutil.rmtree(out / "runs", ignore_errors=True)
+    reuse = args.reuse_run and (out / "runs" / "run" / "merged_model").is_dir()
+    if not reuse:
+        shutil.rmtree(out / "runs", ignore_errors=True)
+    shutil.rmtree(out / "inductor_cache", ignore_errors=True)
     results = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
-               "train_images": args.train_images, "test_images": args.test_images}
-    for name in PARTS:
+               "train_images": args.train_images, "test_images": args.test_images, "load_at_start": load()}
+    parts = list(PARTS) if args.only == "all" else [] if reuse else ["quick_run"]
+    rows = [r for r in FAST_PARTS if not args.rows or r in ("caption_fp32", "eager_ceiling") or r in args.rows.split(",")]
+    for name in parts + rows:
         start = time.perf_counter()
         results[name] = run_part(name, args)
-        print(f"{name} ({time.perf_counter() - start:.0f} s): {json.dumps(results[name])}", file=sys.stderr, flush=True)
-    results["ratios"] = summarise(results)
+        shown = {k: v for k, v in results[name].items() if k != "captions"}
+        print(f"{name} ({time.perf_counter() - start:.0f} s): {json.dumps(shown)}", file=sys.stderr, flush=True)
+    results["ratios"] = summarise(results) if args.only == "all" else {}
+    results["past_the_ceiling"] = summarise_fast(results)
+    results["load_at_end"] = load()
     (out / "bench_speed.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return 0

@@ -25,6 +25,7 @@ from utils.io import read_predictions_file
 logger = logging.getLogger(__name__)
 
 FP32_CAPTIONS = "captions_fp32.csv"  # the exact path's captions of the test pictures, beside captions.csv
+INT8_CAPTIONS = "captions_int8.csv"  # --caption_precision int8's captions of them, to measure its agreement
 
 # What a demo folder holds; a rerun replaces these and nothing else.
 DEMO_ENTRIES = ("data", "base_model", "eval_before", "run", "demo_report.json")
@@ -224,6 +225,7 @@ def build_report(out: Path, plan: DemoPlan, base: str, pretraining: dict | None,
     agree = sum(fast.get(name) == caption for name, caption in exact.items()) / max(1, len(exact))
     return {
         "fast_vs_fp32": {"caption_agreement": agree, "images": len(exact), "fast_path": fast_path},
+        "precisions_vs_fp32": precision_agreement(run, exact, fast_path),
         "before": before,
         "after": after,
         "seconds": {**seconds, "total": round(sum(seconds.values()), 2)},
@@ -237,6 +239,18 @@ def build_report(out: Path, plan: DemoPlan, base: str, pretraining: dict | None,
         "paths": {"data": str(out / "data"), "base_model": str(out / "base_model") if pretraining else None,
                   "run": str(run), "merged_model": str(run / "merged_model"), "captions": str(run / "captions.csv")},
     }
+
+
+def precision_agreement(run: Path, exact: dict[str, str], fast_path: str) -> dict:
+    """Each captioning precision the demo ran, with its captions' agreement with the fp32 path's."""
+    rows = {"auto": ("captions.csv", fast_path), "int8": (INT8_CAPTIONS, "--caption_precision int8")}
+    result = {}
+    for name, (file, how) in rows.items():
+        if (run / file).is_file():
+            captions = read_predictions_file(run / file)
+            same = sum(captions.get(k) == v for k, v in exact.items())
+            result[name] = {"caption_agreement": same / max(1, len(exact)), "images": len(exact), "how": how}
+    return result
 
 
 def captioning_precision(config: Config) -> str:
@@ -257,6 +271,8 @@ def format_report(report: dict) -> str:
              "seconds per stage:"]
     lines += [f"  {name:<14} {seconds:8.1f}" for name, seconds in report["seconds"].items()]
     lines += ["", "captions of the fast path ({fast_path}) equal to the fp32 path's: {caption_agreement:.0%} of {images}".format(**report["fast_vs_fp32"])]
+    if "int8" in report.get("precisions_vs_fp32", {}):
+        lines += ["captions with an int8 vision tower equal to the fp32 path's: {caption_agreement:.0%} of {images}".format(**report["precisions_vs_fp32"]["int8"])]
     lines += ["", "samples (before -> after | a reference):"]
     lines += [f"  {s['image']}: {s['before']!r} -> {s['after']!r} | {s['references'][:1]}" for s in report["samples"]]
     return "\n".join(lines)
@@ -307,6 +323,9 @@ def run_modes(config: Config, plan: DemoPlan, out: Path, base: str, timer: Stage
     with timer.stage("inference_fp32", "--inference --bnb_4bit_compute_dtype float32 (the exact path)"):
         run_mode_or_fail(run_inference, mode_config(config, mode="inference", output_dir=run, **test,
                                                     bnb_4bit_compute_dtype="float32", predictions_file=run / FP32_CAPTIONS))
+    with timer.stage("inference_int8", "--inference --caption_precision int8 (torchao int8 vision tower)"):
+        run_mode_or_fail(run_inference, mode_config(config, mode="inference", output_dir=run, **test,
+                                                    caption_precision="int8", predictions_file=run / INT8_CAPTIONS))
     with timer.stage("merge", "--merge_weights"):
         run_mode_or_fail(merge_weights, mode_config(config, mode="merge_weights", output_dir=run))
 

@@ -89,7 +89,7 @@ def _images_and_references(config) -> tuple[object, list[str], dict[str, list[st
 def _caption_run_images(config, embedder) -> EvalInputs:
     """Caption --test_dir or --dataset with the run's (or --model_name's) model; CLIP embeds the same decoded images."""
     source, names, references, label = _images_and_references(config)
-    model, processor, config, description = load_caption_model(config)
+    model, processor, config, description = load_caption_model(config, len(names))
     logger.info("Evaluating %s on %d images of %s%s", description, len(names), label,
                 "" if references else " (no references)")
     result = caption_across_ranks(

@@ -165,8 +165,18 @@ def _require_folder(path: Path, what: str, command: str) -> Path:
     return path
 
 
-def load_caption_model(config: Config):
-    """(model, processor, config, description) for captioning: a run's adapter or merged model, or --model_name."""
+def load_caption_model(config: Config, images: int = 0):
+    """(model, processor, config, description) for captioning `images` images: a run's adapter or merged model, or
+    --model_name; its vision tower compiled / int8 as --compile and --caption_precision say (models/caption_speed.py)."""
+    from models.caption_speed import speed_up_vision_tower
+
+    model, processor, config, description = _load_model_for_captions(config.caption_config)
+    share = -(-images // distributed.world_size())  # each rank captions its share
+    faster = speed_up_vision_tower(model, config.compile, config.caption_precision, resolve_device(), share, config.batch_size)
+    return model, processor, config, f"{description}{', ' + faster if faster else ''}"
+
+
+def _load_model_for_captions(config: Config):
     device = resolve_device()
     run_file = Path(config.output_dir) / "run_config.json"
     if config.model_name is not None and not run_file.is_file():
@@ -283,10 +293,11 @@ def lock_caption_target(config: Config) -> None:
 
 def run_inference(config: Config) -> int:
     """--inference: caption --test_image (stdout) or every image of --test_dir (a CSV)."""
-    images = images_to_caption(config) if config.dataset is not None else None  # a bad dataset fails before the model loads
+    # A bad dataset or folder fails before the model loads.
+    images = images_to_caption(config) if config.test_image is None else None
     if config.test_image is None:
         lock_caption_target(config)
-    model, processor, config, description = load_caption_model(config)
+    model, processor, config, description = load_caption_model(config, len(images[1]) if images else 1)
     logger.info("Captioning with %s", description)
     if config.test_image is not None:
         return caption_one_image(config, model, processor)
@@ -366,6 +377,27 @@ def _run_metrics(run_dir: Path) -> dict | None:
         return None
 
 
+def precision_agreement(config: Config, merged, processor, images: list, reference: list[str]) -> dict:
+    """Agreement with the fp32 adapter's captions of the merged model as --use_merged captions with it: in the
+    captioning dtype, and with an int8 vision tower when --caption_precision int8 asks for it (absent where it
+    cannot run). Each is a copy of the merged model, so only the precisions in use are measured."""
+    import copy
+
+    from models.caption_speed import speed_up_vision_tower
+
+    device, result = resolve_device(), {}
+    dtype = resolve_compute_dtype(config.caption_config, device)
+    for precision in ("auto", "int8") if config.caption_precision == "int8" else ("auto",):
+        model = copy.deepcopy(merged).to(dtype)
+        if precision == "int8" and not speed_up_vision_tower(model, "off", "int8", device, len(images), len(images)):
+            continue
+        captions = generate_captions(model, processor, images)
+        same = sum(a == b for a, b in zip(reference, captions))
+        result[precision] = {"caption_agreement": same / len(images), "images": len(images), "dtype": str(dtype).replace("torch.", "")}
+        del model
+    return result
+
+
 def merge_weights(config: Config) -> int:
     """--merge_weights: write RUN/merged_model (plain transformers) and RUN/merge_report.json."""
     run_settings = require_run(config.output_dir)
@@ -385,6 +417,7 @@ def merge_weights(config: Config) -> int:
         adapter_model = load_adapter_model(config.replace(bnb_4bit_compute_dtype="float32"), adapter_dir, device)
         report.update(compare_models(adapter_model, merged, processor, images))
         del adapter_model
+        report["precisions_vs_fp32"] = precision_agreement(config, merged, processor, images, [s["adapter"] for s in report["samples"]])
         logger.info("Merge fidelity on %d images: captions agree %.0f%%, max |logit diff| %.4g",
                     report["images"], 100 * report["caption_agreement"], report["max_abs_logit_diff"])
     tmp = run_dir / ".merged_model.tmp"

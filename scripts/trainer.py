@@ -18,6 +18,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.integrations import TensorBoardCallback
 
+from models.caption_speed import fast_vision_tower_for_filling
 from models.git_qlora import (
     describe_precision, load_base_model, load_processor, prepare_for_training, resolve_base_dtype, resolve_compute_dtype,
     resolve_device, training_autocast, wrapped_lora_layers,
@@ -507,7 +508,10 @@ def prepare_feature_cache(config: Config, run_dir: Path, model, processor, split
     if distributed.local_rank() == 0:  # the process that checked this machine's cache
         log_cache_reuse(store, config.resume)
     # Encoding has no backward pass to hold activations for: larger batches use the matrix units better.
-    skipped = fill_feature_cache(model, processor, store, sources, max(config.batch_size, FILL_BATCH), config.num_workers, autocast)
+    batch = max(config.batch_size, FILL_BATCH)
+    share = -(-len(sources) // distributed.local_world_size())
+    with fast_vision_tower_for_filling(model, config.compile, config.caption_precision, device, share, batch, dtype):
+        skipped = fill_feature_cache(model, processor, store, sources, batch, config.num_workers, autocast)
     for key, reason in sorted(skipped.items())[:MAX_NAMES_IN_WARNING]:
         logger.warning("Skipping %s: %s", key, reason)
     return store, time.perf_counter() - start

@@ -22,7 +22,7 @@ from scripts.inference import generate_captions
 from utils import demo_data
 from utils.config import Config
 
-STAGES = ("data", "base_model", "eval_before", "train", "eval_after", "inference", "inference_fp32", "merge")
+STAGES = ("data", "base_model", "eval_before", "train", "eval_after", "inference", "inference_fp32", "inference_int8", "merge")
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +65,11 @@ def test_demo_at_reduced_scale_runs_every_mode(tmp_path, capsys, caplog):
     assert len(exact) == plan.test_images and report["fast_vs_fp32"]["caption_agreement"] == sum(
         fast[n] == c for n, c in exact.items()) / len(exact)
     assert set(report["seconds"]) == set(STAGES) | {"total"} and all(s >= 0 for s in report["seconds"].values())
+    int8 = {r["image_name"]: r["caption"] for r in _read_rows(out / "run" / "captions_int8.csv")}
+    assert report["precisions_vs_fp32"]["int8"]["caption_agreement"] == sum(int8[n] == c for n, c in exact.items()) / len(exact)
+    assert report["precisions_vs_fp32"]["auto"]["caption_agreement"] == report["fast_vs_fp32"]["caption_agreement"]
+    merge = json.loads((out / "run" / "merge_report.json").read_text())
+    assert 0 <= merge["precisions_vs_fp32"]["auto"]["caption_agreement"] <= 1
     for when, folder in (("before", out / "eval_before"), ("after", out / "run")):
         results = json.loads((folder / "eval_results.json").read_text())
         assert report[when] == {k: v for k, v in results.items() if k != "settings"}

@@ -16,6 +16,9 @@ QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MERGE_BASES = ("dequantized", "original")
 CACHE_SETTINGS = ("auto", "on", "off")
+COMPILE_SETTINGS = ("auto", "on", "off")
+CAPTION_PRECISIONS = ("auto", "bf16", "fp32", "int8")
+CAPTION_PRECISION_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  # the --bnb_4bit_compute_dtype they stand for
 VISION_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # GIT's CLIP vision tower
 MERGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "rouge_1", "rouge_2")
@@ -105,6 +108,9 @@ class Config:
     java: str | None = "java"  # the Java executable for PTBTokenizer and METEOR; None: no Java
     # demo
     demo_scale: float = 1.0
+    # captioning speed (models/caption_speed.py)
+    compile: str = "auto"
+    caption_precision: str = "auto"
     clip_model: str | None = "openai/clip-vit-base-patch32"  # None: --clip_model none, no CLIP-S
     # derived (DERIVED_FIELDS): set from another flag's value, not a flag of its own
     reference_free: bool = False  # --captions_file none: --eval scores without references (CLIP-S, caption statistics)
@@ -113,6 +119,12 @@ class Config:
     def generation_tokens(self) -> int:
         """Longest caption generated: --max_new_tokens, else the (run's) --max_length."""
         return self.max_new_tokens if self.max_new_tokens is not None else self.max_length
+
+    @property
+    def caption_config(self) -> "Config":
+        """The settings captioning loads its model with: --caption_precision bf16/fp32 is that compute dtype."""
+        wanted = CAPTION_PRECISION_DTYPES.get(self.caption_precision)
+        return self.replace(bnb_4bit_compute_dtype=wanted) if wanted else self
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -173,6 +185,14 @@ def _check_choices(config: Config, problems: list[str]) -> None:
     _check_choice(problems, "--caption_tokenizer", config.caption_tokenizer, CAPTION_TOKENIZERS)
     if config.caption_tokenizer == "ptb" and config.java is None:
         problems.append("--caption_tokenizer ptb runs the PTBTokenizer in Java, but --java is none; give --java or use simple.")
+    _check_choice(problems, "--compile", config.compile, COMPILE_SETTINGS)
+    _check_choice(problems, "--caption_precision", config.caption_precision, CAPTION_PRECISIONS)
+    wanted = CAPTION_PRECISION_DTYPES.get(config.caption_precision)
+    if wanted and config.bnb_4bit_compute_dtype not in ("auto", wanted):
+        problems.append(
+            f"--caption_precision {config.caption_precision} captions in {wanted}, but --bnb_4bit_compute_dtype asks for "
+            f"{config.bnb_4bit_compute_dtype}; give one of them (or the same precision in both)."
+        )
     vision = [name for name in config.lora_target_modules if name in VISION_TARGET_MODULES]
     if config.cache_image_features == "on" and vision:
         problems.append(

@@ -1,0 +1,325 @@
+"""Past the eager ceiling: GIT's vision tower compiled (--compile) and/or in int8 (--caption_precision int8) for
+captioning and feature-cache filling, with eager as the fallback for anything that fails.
+
+The vision tower is two thirds of a caption's time and all of cache filling; generate() runs it once per batch.
+`speed_up_vision_tower` puts a `FastVisionTower` in its place: it runs a compiled (static-shape) copy at one
+batch size, padding a short last batch so nothing recompiles, and falls back to the eager tower, with one
+warning, the first time compiling or running the compiled graph fails. Inductor's on-disk cache lives under the
+user cache (TORCHINDUCTOR_CACHE_DIR, unless set), so a second run loads the compiled kernels instead of
+compiling again; inductor writes its cache entries to a temporary file and renames them into place, so an
+interrupted compile (Ctrl-C) leaves nothing that a later run would read as an entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from utils.user_cache import user_cache_dir
+
+logger = logging.getLogger(__name__)
+
+# Measured on a git-base-sized vision tower (ViT-B/16, 224 px, batch 8), see README "Compiled and int8 captioning".
+# compile: seconds of the first call (cold: empty inductor cache; warm: the cache filled by an earlier run);
+# speedup: eager seconds / compiled seconds per image; flops_per_second: the eager tower's effective rate.
+DEVICE_COSTS = {
+    "cpu": {"cold": 40.0, "warm": 8.0, "speedup": 1.25, "flops_per_second": 2.8e11},
+    # Not measured in this session (no GPU at hand): conservative guesses, so auto compiles only huge jobs there.
+    "cuda": {"cold": 60.0, "warm": 15.0, "speedup": 1.2, "flops_per_second": 1.0e14},
+}
+COMPILED_RECORD = "git_qlora_compiled.json"  # what this project compiled before, and how long it took
+INT8_MIN_TORCHAO = (0, 8)
+COMPILE_BACKEND = "inductor"  # tests put a failing backend here
+
+
+@dataclass(frozen=True)
+class CompilePlan:
+    use: bool
+    reason: str
+
+
+def vision_flops_per_image(encoder_config) -> float:
+    """Multiply-adds x 2 of the vision tower's Linear layers and attention for one image."""
+    tokens = (encoder_config.image_size // encoder_config.patch_size) ** 2 + 1
+    width, mlp, layers = encoder_config.hidden_size, encoder_config.intermediate_size, encoder_config.num_hidden_layers
+    per_token = 2 * (4 * width * width + 2 * width * mlp) + 4 * tokens * width
+    return float(layers * tokens * per_token)
+
+
+def plan_compile(setting: str, images: int, device: str, flops_per_image: float, cached_seconds: float | None,
+                 costs: dict | None = None) -> CompilePlan:
+    """Whether to compile the vision tower (--compile auto|on|off), and why, for the one log line.
+
+    auto compiles when the time it saves on `images` images (this process's share) exceeds the time compiling
+    takes: the seconds this project measured the last time it compiled the same graph here (cached_seconds,
+    inductor's cache then being warm), else the device's cold figure.
+    """
+    if setting == "off":
+        return CompilePlan(False, "--compile off")
+    if setting == "on":
+        return CompilePlan(True, "--compile on")
+    cost = (costs or DEVICE_COSTS).get(device, DEVICE_COSTS["cpu"])
+    eager = images * flops_per_image / cost["flops_per_second"]
+    saved = eager * (1 - 1 / cost["speedup"])
+    compile_seconds = cached_seconds if cached_seconds is not None else cost["cold"]
+    cache = "compiled before here, inductor cache warm" if cached_seconds is not None else "first compile on this machine"
+    verdict = "pays" if saved > compile_seconds else "does not pay"
+    return CompilePlan(saved > compile_seconds, (
+        f"--compile auto: compiling {verdict} for {images} images on {device} (saves ~{saved:.0f} s of ~{eager:.0f} s; "
+        f"compiling takes ~{compile_seconds:.0f} s, {cache})"
+    ))
+
+
+def inductor_cache_dir() -> Path:
+    """Inductor's on-disk cache: TORCHINDUCTOR_CACHE_DIR if the user set it, else under the user cache."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # torch writes its own default (under /tmp, lost on reboot) into the variable once it has looked it up.
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(user_cache_dir("torchinductor"))
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def compile_key(encoder: torch.nn.Module, batch_size: int, precision: str, device: str) -> str:
+    """What determines the compiled graph: shapes, dtype, precision, batch size, device and torch version."""
+    dtype = next(encoder.parameters()).dtype
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    text = json.dumps([encoder.config.to_dict(), batch_size, str(dtype), precision, name, torch.__version__], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read_record() -> dict:
+    try:
+        record = json.loads((inductor_cache_dir() / COMPILED_RECORD).read_text(encoding="utf-8"))
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def cached_compile_seconds(key: str) -> float | None:
+    entry = _read_record().get(key)
+    return float(entry["seconds"]) if isinstance(entry, dict) and "seconds" in entry else None
+
+
+def _remember_compile(key: str, seconds: float) -> None:
+    """Record the compile time, atomically (several ranks may write at once); it is only a hint for auto."""
+    from utils.io import write_json_atomic
+
+    record = _read_record()
+    record[key] = {"seconds": round(seconds, 2), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        write_json_atomic(inductor_cache_dir() / COMPILED_RECORD, record)
+    except OSError as error:
+        logger.debug("Could not record the compile time: %s", error)
+
+
+# ---------------------------------------------------------------------------
+# int8 (torchao)
+# ---------------------------------------------------------------------------
+
+
+def cpu_has_vnni() -> bool:
+    """int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX-INT8): without them int8 is slower than bf16."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def int8_unavailable(device: str) -> str | None:
+    """Why int8 cannot run here (for the one warning), or None."""
+    quiet = logging.getLogger("torch.utils._pytree")  # torchao 0.18's import warns about torch's own deprecations
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import torchao
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig  # noqa: F401
+    except ImportError:
+        return "torchao is not installed (pip install 'torchao>=0.8')"
+    finally:
+        quiet.setLevel(level)
+    version = tuple(int(p) for p in torchao.__version__.split("+")[0].split(".")[:2] if p.isdigit())
+    if version < INT8_MIN_TORCHAO:
+        return f"torchao {torchao.__version__} is too old (pip install -U 'torchao>=0.8')"
+    if device == "cpu" and not cpu_has_vnni():
+        return "this CPU has no int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX), where int8 is slower than bf16"
+    return None
+
+
+# fc2 of the last blocks: measured to carry most of the int8 error of the features (README); they stay as they are.
+INT8_KEEP_LAST_FC2 = 2
+
+
+def int8_layer_filter(num_layers: int, keep_last_fc2: int = INT8_KEEP_LAST_FC2):
+    """torchao's filter: every Linear of the tower except fc2 of the last `keep_last_fc2` blocks."""
+
+    def quantize(module: torch.nn.Module, name: str) -> bool:
+        if not isinstance(module, torch.nn.Linear) or "lora_" in name:  # a vision adapter stays as trained
+            return False
+        parts = name.split(".")
+        if parts[-1] == "fc2" and "layers" in parts:
+            return int(parts[parts.index("layers") + 1]) < num_layers - keep_last_fc2
+        return True
+
+    return quantize
+
+
+def quantize_vision_int8(encoder: torch.nn.Module) -> None:
+    """int8 dynamic activations, int8 weights on the tower's Linear layers, in place (torchao)."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    quantize_(encoder, Int8DynamicActivationInt8WeightConfig(), filter_fn=int8_layer_filter(encoder.config.num_hidden_layers))
+
+
+def dequantize_4bit_layers(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Replace bitsandbytes Linear4bit layers by plain Linear ones holding the dequantized weights (in place):
+    int8 and inductor need plain weights. The values are those the 4-bit kernels compute with."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for name, child in list(module.named_modules()):
+        if isinstance(child, bnb.nn.Linear4bit):
+            data, state = child.weight.data, child.weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):  # repacked by an inference call (GIT_NOTES.md)
+                data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
+            weight = bnb.functional.dequantize_4bit(data, state).to(dtype)
+            plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                    device=weight.device, dtype=dtype)
+            plain.weight.data.copy_(weight)
+            if child.bias is not None:
+                plain.bias.data.copy_(child.bias.data.to(dtype))
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, leaf, plain)
+
+
+# ---------------------------------------------------------------------------
+# The stand-in vision tower
+# ---------------------------------------------------------------------------
+
+
+class _LastHiddenState(torch.nn.Module):
+    """The transformer of the tower returning a plain tensor: what torch.compile gets (no output classes)."""
+
+    def __init__(self, vision_model: torch.nn.Module):
+        super().__init__()
+        self.vision_model = vision_model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision_model(pixel_values=pixel_values).last_hidden_state
+
+
+class FastVisionTower(torch.nn.Module):
+    """Stands in for GIT's image encoder: a compiled graph for batches of up to `batch_size` images (padded to
+    exactly that, so the static graph never recompiles), the eager tower for anything else or after a failure."""
+
+    def __init__(self, encoder: torch.nn.Module, batch_size: int, compile_graph: bool, key: str | None = None,
+                 backend=None):
+        super().__init__()
+        self.encoder, self.config, self.batch_size, self.key = encoder, encoder.config, batch_size, key
+        self.compiled = torch.compile(_LastHiddenState(encoder.vision_model), dynamic=False, backend=backend or COMPILE_BACKEND) if compile_graph else None
+        self.first_call = True
+        self.train(encoder.training)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs):
+        count = pixel_values.shape[0]
+        if self.compiled is None or interpolate_pos_encoding or kwargs or count > self.batch_size or self.training:
+            return self.encoder(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        padded = pixel_values.to(self.encoder.vision_model.embeddings.patch_embedding.weight.dtype)
+        if count < self.batch_size:
+            padded = torch.cat([padded, padded.new_zeros((self.batch_size - count, *padded.shape[1:]))])
+        try:
+            start = time.perf_counter()
+            features = self.compiled(padded)[:count]
+        except Exception as error:  # noqa: BLE001 - any compiler or runtime failure: eager, same results
+            cause = getattr(error, "inner_exception", None) or error  # dynamo wraps the compiler's own error
+            text = str(cause).strip().splitlines()
+            logger.warning("Compiling the vision tower failed (%s: %s); it runs eagerly instead, with the same results.",
+                           type(cause).__name__, text[0][:300] if text else "")
+            self.compiled = None
+            return self.encoder(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        if self.first_call:
+            self.first_call = False
+            seconds = time.perf_counter() - start
+            logger.info("Vision tower compiled for batches of %d in %.1f s (inductor cache: %s)", self.batch_size, seconds, inductor_cache_dir())
+            if self.key is not None:
+                _remember_compile(self.key, seconds)
+        return BaseModelOutputWithPooling(last_hidden_state=features)
+
+
+def speed_up_vision_tower(model, compile_setting: str, precision: str, device: str, images: int, batch_size: int) -> str:
+    """Put the fast vision tower the settings ask for into `model` (a GitForCausalLM, PeftModel or DDP wrapper),
+    in place; returns what was done, for the log ("" when nothing changed). Never raises for a fast path that
+    cannot run here: that is one warning and the eager tower."""
+    from models.vision_cache import git_model
+
+    git = git_model(model)
+    encoder, done = git.image_encoder, []
+    if isinstance(encoder, FastVisionTower):
+        encoder = encoder.encoder
+    if precision == "int8":
+        reason = int8_unavailable(device)
+        if reason:
+            logger.warning("--caption_precision int8: %s; the vision tower runs in %s instead, with the same captions as without int8.",
+                           reason, str(encoder.vision_model.embeddings.patch_embedding.weight.dtype).replace("torch.", ""))
+        else:
+            dequantize_4bit_layers(encoder, encoder.vision_model.embeddings.patch_embedding.weight.dtype)
+            quantize_vision_int8(encoder)
+            done.append("int8 vision tower (torchao)")
+    key = compile_key(encoder, batch_size, precision, device)
+    plan = plan_compile(compile_setting, images, device, vision_flops_per_image(encoder.config), cached_compile_seconds(key))
+    if compile_setting == "auto":
+        logger.info("%s", plan.reason)
+    if plan.use:
+        inductor_cache_dir()
+        dequantize_4bit_layers(encoder, encoder.vision_model.embeddings.patch_embedding.weight.dtype)
+        git.image_encoder = FastVisionTower(encoder, batch_size, compile_graph=True, key=key)
+        done.append(f"compiled vision tower, batch {batch_size}")
+    else:
+        git.image_encoder = encoder
+    return ", ".join(done)
+
+
+@contextmanager
+def fast_vision_tower_for_filling(model, compile_setting: str, precision: str, device: str, images: int, batch_size: int,
+                                  dtype: torch.dtype):
+    """Within the block, `model`'s vision tower is a compiled and/or int8 copy in `dtype` (the cache's), where the
+    settings and the job size ask for one; the training model's own (4-bit) tower is put back on exit untouched."""
+    from models.vision_cache import git_model
+
+    git = git_model(model)
+    original = git.image_encoder
+    if compile_setting == "off" and precision != "int8":
+        yield model
+        return
+    copy = _plain_copy(original, dtype)
+    holder = torch.nn.Module()  # speed_up_vision_tower works on anything with a .git holding .image_encoder
+    holder.git = torch.nn.Module()
+    holder.git.image_encoder = copy
+    done = speed_up_vision_tower(holder, compile_setting, precision, device, images, batch_size)
+    git.image_encoder = holder.git.image_encoder if done else original
+    if done:
+        logger.info("Filling the feature cache with a %s", done)
+    try:
+        yield model
+    finally:
+        git.image_encoder = original
+
+
+def _plain_copy(encoder: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of the tower with plain Linear layers in `dtype` (4-bit layers dequantized), in eval mode."""
+    import copy
+
+    clone = copy.deepcopy(encoder)
+    dequantize_4bit_layers(clone, dtype)
+    return clone.to(dtype).eval().requires_grad_(False)

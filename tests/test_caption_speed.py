@@ -1,0 +1,155 @@
+"""--compile and --caption_precision int8 (models/caption_speed.py): same captions, eager fallback, auto's decision."""
+
+import csv
+import logging
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+from git_qlora_main import main
+from models import caption_speed
+from models.caption_speed import DEVICE_COSTS, FastVisionTower, plan_compile, speed_up_vision_tower, vision_flops_per_image
+from scripts.inference import caption_folder
+from utils.dataset_utils import find_images
+
+
+@pytest.fixture(autouse=True)
+def private_inductor_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+
+
+def _captions(model, processor, data_dir, batch_size=3):
+    names = sorted(find_images(data_dir / "test"))  # 8 images at batch 3: the last batch is short
+    return caption_folder(model, processor, data_dir / "test", names, batch_size, 8, progress=False).captions
+
+
+def _tiny(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+def _read_csv(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return {row[0]: row[1] for row in list(csv.reader(handle))[1:]}
+
+
+def test_auto_compiles_only_when_the_saving_exceeds_the_compile_time():
+    costs = {"cpu": {"cold": 40.0, "warm": 8.0, "speedup": 1.25, "flops_per_second": 1e11}}
+    # Hand computation: 1e10 FLOP per image at 1e11 FLOP/s = 0.1 s; compiled saves 0.1 * (1 - 1/1.25) = 0.02 s each.
+    assert not plan_compile("auto", 1999, "cpu", 1e10, None, costs).use  # saves 39.98 s < 40 s
+    assert plan_compile("auto", 2001, "cpu", 1e10, None, costs).use  # saves 40.02 s
+    assert plan_compile("auto", 500, "cpu", 1e10, 8.0, costs).use  # compiled before: 10 s saved > 8 s
+    assert not plan_compile("auto", 300, "cpu", 1e10, 8.0, costs).use
+    assert "does not pay for 300 images" in plan_compile("auto", 300, "cpu", 1e10, 8.0, costs).reason
+    assert plan_compile("on", 1, "cpu", 1e10, None, costs).use and not plan_compile("off", 10**9, "cpu", 1e10, None, costs).use
+
+
+def test_vision_flops_of_git_base_match_a_hand_count():
+    from transformers import GitVisionConfig
+
+    # ViT-B/16 at 224 px: 197 tokens, 12 layers, width 768, MLP 3072 -> about 2 x 17.6 GMAC (the usual 17.6 GFLOPs
+    # quoted as MACs) plus attention: 35-36 GFLOP per image.
+    flops = vision_flops_per_image(GitVisionConfig())
+    assert 34e9 < flops < 37e9
+    assert DEVICE_COSTS["cpu"]["cold"] > DEVICE_COSTS["cpu"]["warm"]
+
+
+def test_auto_leaves_a_small_job_eager(tiny_model_dir, caplog):
+    caplog.set_level(logging.INFO)
+    model, _ = _tiny(tiny_model_dir)
+    assert speed_up_vision_tower(model, "auto", "auto", "cpu", 8, 4) == ""
+    assert not isinstance(model.git.image_encoder, FastVisionTower)
+    assert "--compile auto: compiling does not pay for 8 images" in caplog.text
+
+
+def test_static_graph_pads_the_last_batch_and_gives_the_same_captions(tiny_model_dir, data_dir, monkeypatch):
+    model, processor = _tiny(tiny_model_dir)
+    eager = _captions(model, processor, data_dir)
+    monkeypatch.setattr(caption_speed, "COMPILE_BACKEND", "eager")  # dynamo's graph without inductor: seconds, not tens
+    torch._dynamo.reset()
+    assert "compiled" in speed_up_vision_tower(model, "on", "auto", "cpu", 8, 3)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the short last batch must not recompile
+        assert _captions(model, processor, data_dir) == eager
+    tower = model.git.image_encoder
+    assert tower.compiled is not None and not tower.first_call  # it ran compiled, no fallback
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tiny_model_dir, data_dir, monkeypatch, caplog):
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler on this machine")
+
+    model, processor = _tiny(tiny_model_dir)
+    eager = _captions(model, processor, data_dir)
+    monkeypatch.setattr(caption_speed, "COMPILE_BACKEND", broken_backend)
+    torch._dynamo.reset()
+    speed_up_vision_tower(model, "on", "auto", "cpu", 8, 3)
+    with caplog.at_level(logging.WARNING):
+        assert _captions(model, processor, data_dir) == eager
+    warnings = [r for r in caplog.records if "Compiling the vision tower failed" in r.getMessage()]
+    assert len(warnings) == 1 and "no compiler on this machine" in warnings[0].getMessage()
+
+
+def test_int8_captions_agree_with_fp32_on_the_test_set(trained_run, data_dir, tmp_path, caplog):
+    pytest.importorskip("torchao")
+    if caption_speed.int8_unavailable("cpu"):
+        pytest.skip(caption_speed.int8_unavailable("cpu"))
+    caplog.set_level(logging.INFO)
+    common = ["--inference", "--test_dir", str(data_dir / "test"), "--output_dir", str(trained_run), "--num_workers", "0",
+              "--max_new_tokens", "8", "--compile", "off"]
+    assert main(common + ["--caption_precision", "fp32", "--predictions_file", str(tmp_path / "fp32.csv")]) == 0
+    assert main(common + ["--caption_precision", "int8", "--predictions_file", str(tmp_path / "int8.csv")]) == 0
+    assert "int8 vision tower (torchao)" in caplog.text
+    exact, int8 = _read_csv(tmp_path / "fp32.csv"), _read_csv(tmp_path / "int8.csv")
+    assert len(exact) == 8 and sum(int8[name] == caption for name, caption in exact.items()) >= 7
+
+
+def test_int8_without_torchao_warns_once_and_captions_as_before(tiny_model_dir, data_dir, monkeypatch, caplog):
+    model, processor = _tiny(tiny_model_dir)
+    eager = _captions(model, processor, data_dir)
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao now raises ImportError
+    with caplog.at_level(logging.WARNING):
+        assert speed_up_vision_tower(model, "off", "int8", "cpu", 8, 3) == ""
+    assert _captions(model, processor, data_dir) == eager
+    assert [r.getMessage() for r in caplog.records if "torchao is not installed" in r.getMessage()] != []
+
+
+def test_caption_precision_conflicting_with_the_compute_dtype_is_one_error(capsys, tmp_path):
+    code = main(["--inference", "--test_dir", str(tmp_path), "--caption_precision", "bf16", "--bnb_4bit_compute_dtype",
+                 "float32", "--compile", "sometimes"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--caption_precision bf16" in err and "--compile must be one of auto, on, off" in err
+
+
+@pytest.mark.slow
+def test_inductor_compiled_captions_equal_eager(tiny_model_dir, data_dir):
+    model, processor = _tiny(tiny_model_dir)
+    eager = _captions(model, processor, data_dir)
+    torch._dynamo.reset()
+    speed_up_vision_tower(model, "on", "auto", "cpu", 8, 3)
+    assert _captions(model, processor, data_dir) == eager
+    assert model.git.image_encoder.compiled is not None and not model.git.image_encoder.first_call
+
+
+def test_cache_filling_tower_gives_the_training_towers_features_and_is_put_back(tiny_model_dir, data_dir, monkeypatch):
+    from PIL import Image
+
+    from models.caption_speed import fast_vision_tower_for_filling
+    from models.git_qlora import load_base_model
+    from models.vision_cache import encode_images
+    from utils.config import Config
+
+    model = load_base_model(Config(mode="train", model_name=str(tiny_model_dir)), "cpu")  # the 4-bit training base
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    images = [Image.open(data_dir / "test" / name).convert("RGB") for name in sorted(find_images(data_dir / "test"))[:5]]
+    pixels = processor(images=images, return_tensors="pt").pixel_values
+    original = model.git.image_encoder
+    reference = encode_images(model, pixels, torch.bfloat16)
+    monkeypatch.setattr(caption_speed, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    with fast_vision_tower_for_filling(model, "on", "auto", "cpu", 5, 4, torch.bfloat16):
+        assert isinstance(model.git.image_encoder, FastVisionTower)
+        fast = torch.cat([encode_images(model, pixels[:4], torch.bfloat16), encode_images(model, pixels[4:], torch.bfloat16)])
+    assert model.git.image_encoder is original
+    # The same values up to bf16 rounding: the 4-bit kernels dequantize to bf16 on every call, the copy once.
+    assert (fast.float() - reference.float()).norm() / reference.float().norm() < 0.02
