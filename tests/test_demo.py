@@ -168,6 +168,8 @@ def test_full_demo_shows_learning(tmp_path):
     assert all(target["met"] for target in report["targets"].values()) and report["targets_apply"]
     assert report["seconds"]["total"] < 600
     assert report["fast_vs_fp32"]["caption_agreement"] >= 0.95 and report["fast_vs_fp32"]["images"] == 60
+    change = report["after"]["change"]["cider"]  # paired bootstrap interval of after - before, same 60 pictures
+    assert change["significant"] and change["low"] > 0, change
 
 
 def test_the_pretrained_base_model_is_kept_in_the_user_cache_and_reused(tmp_path, monkeypatch, caplog):
