@@ -260,14 +260,20 @@ def _score(config, inputs: EvalInputs, embedder, clip_note) -> tuple[dict, objec
     return {**results, "per_image": per_image}, scores
 
 
+def _table(metrics: dict, with_references: bool) -> dict:
+    """What the printed table shows: without references, only the numbers there are (no rows of n/a)."""
+    return {k: v for k, v in metrics.items() if k not in ("clip_images", "base_model", "change", "per_image")
+            and (with_references or v is not None or k not in METRIC_KEYS)}
+
+
 def _print_results(results: dict) -> None:
-    table = {k: v for k, v in results.items() if k not in ("clip_images", "base_model", "change", "per_image")}
+    with_references = bool(results.get("num_references"))
+    table = _table(results, with_references)
     print(format_metrics_table(table))
     base = results.get("base_model")
     if base:
         print("\nThe base model's captions of the same images (the run's val_predictions.csv) vs this evaluation:")
-        print(format_metrics_table({k: v for k, v in base.items() if k not in ("clip_images", "per_image")}, table,
-                                   results.get("change")))
+        print(format_metrics_table(_table(base, with_references), table, results.get("change")))
     print(format_caption_stats(base["caption_stats"], results["caption_stats"], ("base model", "this evaluation"))
           if base else format_caption_stats(results["caption_stats"]))
     for key in ("references_note", "clip_note", "base_model_note"):
