@@ -445,7 +445,8 @@ def _change_cell(key: str, a, b, change: dict | None) -> str:
     delta, interval = b - a, (change or {}).get(key)
     better = delta < 0 if key == "fgd" else delta > 0
     shown = interval["significant"] if interval else delta != 0
-    css = "" if not shown or key.startswith("num_") else (' class="up"' if better else ' class="down"')
+    # Counts and diversity statistics have no better direction (fewer distinct captions can be right).
+    css = "" if not shown or key.startswith("num_") or key in STAT_LABELS else (' class="up"' if better else ' class="down"')
     text = f"{delta:+d}" if isinstance(delta, int) else f"{delta:+.4f}"
     if interval:
         text += (f' <span class="ci">[{interval["low"]:+.4f}, {interval["high"]:+.4f}]</span>'
