@@ -248,7 +248,7 @@ def fill_row(compile_: str, precision: str):
         import torch
 
         result = fill_rate(out, compile_, precision)
-        mine, exact = torch.load(out / f"features_{compile_}_{precision}.pt"), torch.load(out / "features_off_fp32.pt")
+        mine, exact = torch.load(out / f"features_{compile_}_{precision}.pt", weights_only=True), torch.load(out / "features_off_fp32.pt", weights_only=True)
         result["relative_error_vs_fp32"] = float((mine - exact).norm() / exact.norm())
         return result
 
