@@ -588,8 +588,9 @@ def _train(config: Config, trackers: TrackerRuns) -> int:
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=checkpoint)
         metrics.update(training_metrics(result, timer, time.perf_counter() - start, cache_seconds, config, device))
-        if early_stopping_summary(trainer) is not None:
-            metrics["early_stopping"] = early_stopping_summary(trainer)
+        stopped = early_stopping_summary(trainer)
+        if stopped is not None:
+            metrics["early_stopping"] = stopped
         final = distributed.on_main_process(save_final_model, trainer.model, processor, run_dir)
         if scorer is not None:
             baseline = before_captions if not config.resume else base_captions_of(run_dir)

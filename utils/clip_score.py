@@ -15,11 +15,11 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from utils.dataset_utils import ImageItems, as_image_source
-from utils.hub import check_hub_name
+from utils.hub import check_hub_name, describe_load_error
+from utils.progress import progress
+from utils.workers import data_loader
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ class ClipEmbedder:
         """One normalised row per caption, each read as PREFIX + caption (cut at CLIP's 77 tokens)."""
         rows = [np.zeros((0, self.model.config.projection_dim), np.float32)]
         batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
-        for batch in tqdm(batches, desc="CLIP text", leave=False, disable=len(batches) < 2):
+        for batch in progress(batches, total=len(batches), desc="CLIP text", unit="batches", logger=logger, leave=False,
+                              disable=len(batches) < 2):
             inputs = self.processor.tokenizer(
                 [PREFIX + " ".join(text.split()) for text in batch], padding=True, truncation=True,
                 max_length=self.max_tokens, return_tensors="pt",
@@ -108,9 +109,7 @@ def try_load_clip(name_or_path: str | None, device: str = "cpu") -> tuple[ClipEm
     try:
         return load_clip(name_or_path, device), None
     except Exception as error:  # noqa: BLE001 - CLIP-S is an extra; nothing may cost the user the other metrics
-        from utils.evaluation import _describe_load_error  # the FGD encoder's wording for the same failure
-
-        reason = _describe_load_error(str(name_or_path), error)
+        reason = describe_load_error(str(name_or_path), error)
         if first_time:
             logger.warning("CLIP-S skipped: could not load --clip_model %r: %s", name_or_path, reason)
         return None, (f"CLIP-S not computed: --clip_model {name_or_path!r} could not be loaded ({reason}). Give a "
@@ -121,10 +120,10 @@ def embed_image_source(embedder: ClipEmbedder, images, names: list[str], batch_s
                        num_workers: int = 0) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """({name: embedding}, {name: why skipped}) for images that were not just captioned (--predictions_file)."""
     source = as_image_source(images)
-    loader = DataLoader(ImageItems([(name, source, name) for name in names]), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=lambda batch: batch)
+    loader = data_loader(ImageItems([(name, source, name) for name in names]), batch_size=batch_size,
+                         num_workers=num_workers, collate_fn=list)
     embeddings, skipped = {}, {}
-    for batch in tqdm(loader, desc="CLIP images", unit="batch", leave=False):
+    for batch in progress(loader, total=len(loader), desc="CLIP images", unit="batches", logger=logger, leave=False):
         good = [(name, image) for name, image, _ in batch if image is not None]
         skipped.update({name: reason for name, image, reason in batch if image is None})
         embeddings.update(zip([name for name, _ in good], embedder.embed_images([image for _, image in good])))

@@ -20,7 +20,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from utils.confidence import RESAMPLES, CorpusStats, bootstrap_intervals, paired_change_intervals
 from utils.dataset_utils import format_names, warn_names
 from utils.errors import UserInputError
-from utils.hub import check_hub_name
+from utils.hub import check_hub_name, describe_load_error
 from utils.progress import progress
 from utils.java_scorers import (
     INSTALL_JAVA, JavaError, check_java, compute_meteor, meteor_from_stats, meteor_summable, ptb_tokenize,
@@ -325,14 +325,6 @@ def fgd_from_embeddings(prediction_embeddings: np.ndarray, reference_embeddings:
     return {"fgd": distance, "fgd_note": note}
 
 
-def _describe_load_error(encoder_name: str, err: Exception) -> str:
-    """First line of a loading error; for a missing folder, say so instead of transformers' repo-id complaint."""
-    looks_like_path = encoder_name.startswith((".", "~")) or Path(encoder_name).is_absolute()
-    if looks_like_path and not Path(encoder_name).expanduser().exists():
-        return f"no such folder: {encoder_name}"
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
 def compute_fgd(
     predictions: list[str], references: list[str], encoder_name: str = DEFAULT_FGD_MODEL, device: str = "cpu"
 ) -> dict:
@@ -343,7 +335,7 @@ def compute_fgd(
         encoder, tokenizer = load_text_encoder(encoder_name, device)
     # FGD is an extra: whatever stops the encoder loading must not cost the user the other metrics.
     except Exception as err:  # noqa: BLE001
-        note = (f"FGD not computed: text encoder {encoder_name!r} could not be loaded ({_describe_load_error(encoder_name, err)}). "
+        note = (f"FGD not computed: text encoder {encoder_name!r} could not be loaded ({describe_load_error(encoder_name, err)}). "
                 "Give a local folder holding the encoder, or run with access to the Hugging Face hub. "
                 "The other metrics are still valid.")
         if note not in _WARNED_NOTES:  # training scores before and after: one warning, not one per table

@@ -92,3 +92,11 @@ def check_hub_name(name: str, flag: str, repo_type: str = "model", local_hint: s
         f"reached ({reason}). Give {local_hint} instead, or run once with network access (the download is cached "
         "for later offline runs; set HF_HUB_OFFLINE=1 to use only cached copies)."
     )
+
+
+def describe_load_error(name_or_path: str, err: Exception) -> str:
+    """First line of a model-loading error; for a missing folder, say so instead of transformers' repo-id complaint."""
+    looks_like_path = name_or_path.startswith((".", "~")) or Path(name_or_path).is_absolute()
+    if looks_like_path and not Path(name_or_path).expanduser().exists():
+        return f"no such folder: {name_or_path}"
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
