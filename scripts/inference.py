@@ -18,6 +18,7 @@ from models.git_qlora import (
     DTYPES, describe_precision, load_adapter_model, load_base_model, load_processor, resolve_base_dtype,
     resolve_compute_dtype, resolve_device,
 )
+from scripts.report import read_json
 from utils import distributed
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
 from utils.dataset_utils import ImageItems, as_image_source, list_images, load_image
@@ -369,14 +370,6 @@ def compare_models(reference, candidate, processor, images: list) -> dict:
     }
 
 
-def _run_metrics(run_dir: Path) -> dict | None:
-    """RUN/metrics.json for the model card; a run without one (or unreadable) gets a card without metrics."""
-    try:
-        return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def precision_agreement(config: Config, merged, processor, images: list, reference: list[str]) -> dict:
     """Agreement with the fp32 adapter's captions of the merged model as --use_merged captions with it: in the
     captioning dtype, and with an int8 vision tower when --caption_precision int8 asks for it (absent where it
@@ -424,7 +417,7 @@ def merge_weights(config: Config) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp), safe_serialization=True)
     processor.save_pretrained(str(tmp))
-    write_text_atomic(tmp / "README.md", build_model_card(run_settings, _run_metrics(run_dir), str(run_dir), report))
+    write_text_atomic(tmp / "README.md", build_model_card(run_settings, read_json(run_dir / "metrics.json") or None, str(run_dir), report))
     replace_folder_atomically(tmp, run_dir / "merged_model")
     write_json_atomic(run_dir / "merge_report.json", report)
     logger.info("Wrote %s and %s", run_dir / "merged_model", run_dir / "merge_report.json")
