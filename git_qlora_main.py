@@ -225,7 +225,17 @@ def setup_logging() -> None:
         transformers_logging.disable_progress_bar()
 
 
+def start_slow_helpers(config: Config) -> None:
+    """METEOR's Java process takes 10-30 s to start (its paraphrase table): a mode that will surely score captions
+    against references starts it now, so it loads while Python imports the mode (~8 s) and loads the model."""
+    if distributed.is_main_process() and (config.mode == "demo" or (config.mode == "eval" and not config.reference_free)):
+        from utils.java_scorers import start_meteor
+
+        start_meteor(config.java)
+
+
 def run_mode(config: Config) -> int:
+    start_slow_helpers(config)
     if config.mode == "train":
         from scripts.trainer import train
 

@@ -39,7 +39,7 @@ from utils.caption_stats import format_caption_stats
 from utils.evaluation import format_metrics_table
 from utils.feature_store import FeatureStore
 from utils.io import give_default_permissions, replace_folder_atomically, write_json_atomic, write_split_file, write_text_atomic
-from utils.java_scorers import resolve_caption_tokenizer
+from utils.java_scorers import resolve_caption_tokenizer, start_meteor
 from utils.model_card import build_model_card
 from utils.progress import progress
 from utils.run_lock import LOCK_NAME, lock_folder
@@ -554,6 +554,8 @@ def _train(config: Config, trackers: TrackerRuns) -> int:
     log_settings(config, device)
     # Data and model are checked before the run folder exists, so a bad flag leaves no folder behind.
     splits = load_splits(config)
+    if splits.val:  # METEOR's Java start (10-30 s) overlaps loading the model; every validation then reuses it
+        distributed.on_main_process(start_meteor, config.java)
     processor = load_processor(config.model_name, config.trust_remote_code)
     model = prepare_for_training(load_base_model(config, device), config)
     truncated = warn_truncated_captions(processor, splits.train, config.max_length)

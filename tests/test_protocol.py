@@ -136,6 +136,39 @@ def test_meteor_wrapper_matches_its_own_aggregation_on_hostile_text(java):
     assert float(meteor_from_stats(meteor_summable(result.stats).sum(axis=0))) == pytest.approx(result.score, abs=1e-12)
 
 
+def test_meteor_process_is_kept_for_later_calls_and_replaced_when_it_dies(java):
+    """One METEOR start serves every scoring of a job; a process that died between calls is replaced, and each
+    answer equals a fresh process's (pycocoevalcap's own Meteor wrapper, one process per call)."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    java_scorers.stop_meteor()
+    first_h, first_r = ["a man riding a horse", "two dogs"], [["a man is riding a horse"], ["two dogs play", "dogs"]]
+    later_h, later_r = ["a red bus on a street", "a cat"], [["a red bus driving down a street"], ["a cat sleeping"]]
+    java_scorers.start_meteor(java)  # returns at once; the table loads in the background
+    path = java_scorers.find_java(java)
+    pid = java_scorers._METEOR_PROCESSES[path].process.pid
+    first = compute_meteor(first_h, first_r, java)
+    later = compute_meteor(later_h, later_r, java)
+    assert java_scorers._METEOR_PROCESSES[path].process.pid == pid  # the same process answered both
+
+    reference = Meteor()
+    try:
+        expected, _ = reference.compute_score({i: r for i, r in enumerate(later_r)}, {i: [h] for i, h in enumerate(later_h)})
+    finally:
+        with reference.lock:
+            reference.meteor_p.kill()
+            reference.meteor_p.wait()
+    assert later.score == pytest.approx(expected, abs=1e-4)
+
+    os.kill(pid, 9)  # e.g. the OOM killer, while nothing was asked
+    java_scorers._METEOR_PROCESSES[path].process.wait()
+    again = compute_meteor(first_h, first_r, java)
+    assert java_scorers._METEOR_PROCESSES[path].process.pid != pid
+    assert again.score == pytest.approx(first.score, abs=1e-12) and again.segment_scores == first.segment_scores
+    java_scorers.stop_meteor()
+    assert not java_scorers._METEOR_PROCESSES
+
+
 def _fake_java(tmp_path: Path, body: str) -> str:
     script = tmp_path / "java"
     script.write_text('#!/bin/sh\nif [ "$1" = "-version" ]; then exit 0; fi\n' + body)
@@ -168,6 +201,7 @@ def test_hanging_java_is_stopped_at_the_timeout(tmp_path, monkeypatch):
     time.sleep(0.2)
     with pytest.raises(ProcessLookupError):  # killed and reaped, not left behind
         os.kill(pid, 0)
+    assert java_scorers.find_java(java) not in java_scorers._METEOR_PROCESSES  # the next call starts afresh
 
 
 def test_auto_falls_back_to_simple_with_one_warning(tmp_path, caplog):

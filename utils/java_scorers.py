@@ -7,6 +7,7 @@ not used: it can hang after an error, parses numbers in the system locale and ne
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
@@ -184,9 +185,11 @@ def clean_meteor_text(text: str) -> str:
 
 def compute_meteor(hypotheses: list[str], references: list[list[str]], java: str | None = "java",
                    timeout: float | None = None) -> MeteorResult:
-    """METEOR 1.5 (-l en -norm) of each hypothesis against its references, and the corpus score, in one Java process.
+    """METEOR 1.5 (-l en -norm) of each hypothesis against its references, and the corpus score.
 
-    Raises JavaError (with what Java wrote to stderr) when Java is missing, fails, or runs past the timeout.
+    The METEOR process is kept for later calls in this Python process (see start_meteor): its start, loading the
+    paraphrase table, is 10-30 s, the scoring of a few thousand captions a second or two. Raises JavaError (with
+    what Java wrote to stderr) when Java is missing, fails, or runs past the timeout; the process is then ended.
     """
     if len(hypotheses) != len(references) or not hypotheses:
         raise ValueError("compute_meteor needs one list of references per hypothesis, and at least one hypothesis")
@@ -196,14 +199,57 @@ def compute_meteor(hypotheses: list[str], references: list[list[str]], java: str
     timeout = timeout if timeout is not None else METEOR_TIMEOUT_S + len(hypotheses) / 50
     score_lines = ["SCORE ||| " + " ||| ".join([*(clean_meteor_text(r) for r in refs), clean_meteor_text(hyp)])
                    for hyp, refs in zip(hypotheses, references)]
-    cmd = [path, f"-Xmx{meteor_heap()}", *LOCALE_FLAGS, "-jar", str(METEOR_JAR), "-", "-", "-stdio", "-l", "en", "-norm"]
-    with _JavaProcess(cmd, timeout, "METEOR") as process:
-        process.write(score_lines)
-        stats_text = process.read_lines(len(hypotheses))
-        stats = np.array([_parse_numbers(line, METEOR_STATS) for line in stats_text])
-        process.write(["EVAL ||| " + " ||| ".join(stats_text)])
-        scores = [_parse_numbers(line, 1)[0] for line in process.read_lines(len(hypotheses) + 1)]
+    with _METEOR_LOCK:  # one conversation at a time: the answers are matched to the questions by order
+        process = _meteor_process(path)
+        process.restart_clock(timeout)
+        try:
+            process.write(score_lines)
+            stats_text = process.read_lines(len(hypotheses))
+            stats = np.array([_parse_numbers(line, METEOR_STATS) for line in stats_text])
+            process.write(["EVAL ||| " + " ||| ".join(stats_text)])
+            scores = [_parse_numbers(line, 1)[0] for line in process.read_lines(len(hypotheses) + 1)]
+        except BaseException:  # a failed or interrupted conversation leaves answers out of step: end the process
+            _METEOR_PROCESSES.pop(path, None)
+            process.close(kill=True)
+            raise
     return MeteorResult(score=scores[-1], segment_scores=scores[:-1], stats=stats)
+
+
+# One METEOR process per java executable, for the life of this Python process (ended at exit, or by stop_meteor).
+_METEOR_PROCESSES: dict[str, "_JavaProcess"] = {}
+_METEOR_LOCK = threading.RLock()
+
+
+def _meteor_process(path: str) -> "_JavaProcess":
+    """The live METEOR process of this Python process for that java, started if there is none (call under the lock)."""
+    process = _METEOR_PROCESSES.get(path)
+    if process is not None and process.owner == os.getpid() and process.running():
+        return process
+    if process is not None and process.owner == os.getpid():
+        process.close(kill=True)  # it ended: between calls nobody reads its answers, so nothing is lost
+    cmd = [path, f"-Xmx{meteor_heap()}", *LOCALE_FLAGS, "-jar", str(METEOR_JAR), "-", "-", "-stdio", "-l", "en", "-norm"]
+    process = _METEOR_PROCESSES[path] = _JavaProcess(cmd, METEOR_TIMEOUT_S, "METEOR")
+    return process
+
+
+def start_meteor(java: str | None = "java") -> None:
+    """Start METEOR now, without waiting, so its 10-30 s start overlaps other work (imports, loading a model,
+    captioning); the next compute_meteor uses it. Nothing happens when Java does not run. A job that will score
+    captions calls this as early as it knows; the process holds about 1 GB until the job ends."""
+    if java is None or check_java(java) is not None:
+        return
+    with _METEOR_LOCK:
+        _meteor_process(find_java(java))
+
+
+@atexit.register
+def stop_meteor() -> None:
+    """End this process's METEOR processes (at exit; tests call it to start clean)."""
+    with _METEOR_LOCK:
+        for path in list(_METEOR_PROCESSES):
+            process = _METEOR_PROCESSES.pop(path)
+            if process.owner == os.getpid():
+                process.close()
 
 
 def _parse_numbers(line: str, count: int) -> list[float]:
@@ -255,7 +301,8 @@ class _JavaProcess:
     deadlock the other), reads stdout lines through a queue, keeps stderr, and is always killed and waited for."""
 
     def __init__(self, cmd: list[str], timeout: float, name: str):
-        self.name, self.timeout, self.deadline = name, timeout, time.monotonic() + timeout
+        self.name, self.owner = name, os.getpid()
+        self.restart_clock(timeout)
         self.stderr: list[bytes] = []
         self.lines: queue.Queue = queue.Queue()
         try:
@@ -266,6 +313,13 @@ class _JavaProcess:
                         threading.Thread(target=self._read_stdout, daemon=True)]
         for thread in self.threads:
             thread.start()
+
+    def restart_clock(self, timeout: float) -> None:
+        """A new deadline, timeout seconds from now, for the next answers."""
+        self.timeout, self.deadline = timeout, time.monotonic() + timeout
+
+    def running(self) -> bool:
+        return self.process.poll() is None
 
     def __enter__(self):
         return self
