@@ -17,7 +17,7 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 @dataclass(frozen=True)
 class SmallGitSize:
-    """Sizes of a small GIT. bitsandbytes quantizes in blocks of 64, so widths are multiples of 64."""
+    """Sizes of a small GIT, and how it starts. bitsandbytes quantizes in blocks of 64, so widths are multiples of 64."""
 
     hidden_size: int = 128  # text decoder width
     intermediate_size: int = 256  # text decoder MLP width
@@ -29,6 +29,8 @@ class SmallGitSize:
     image_size: int = 64  # pixels; image tokens = (image_size / patch_size)^2 + 1
     patch_size: int = 16
     max_position_embeddings: int = 128  # longest caption in tokens
+    dropout: float = 0.1  # the text decoder's hidden and attention dropout (GitConfig's default; the vision tower has none)
+    initializer_range: float = 0.02  # std of the random weights (GitConfig's default)
 
 
 # git-base's shape (GitConfig() defaults): a fair stand-in for speed and memory measurements.
@@ -60,6 +62,7 @@ def build_git_config(vocab: list[str], size: SmallGitSize) -> GitConfig:
         "num_attention_heads": size.num_heads,
         "image_size": size.image_size,
         "patch_size": size.patch_size,
+        "initializer_range": size.initializer_range,
     }
     return GitConfig(
         vision_config=vision,
@@ -69,6 +72,9 @@ def build_git_config(vocab: list[str], size: SmallGitSize) -> GitConfig:
         num_hidden_layers=size.num_layers,
         num_attention_heads=size.num_heads,
         max_position_embeddings=size.max_position_embeddings,
+        hidden_dropout_prob=size.dropout,
+        attention_probs_dropout_prob=size.dropout,
+        initializer_range=size.initializer_range,
         pad_token_id=vocab.index("[PAD]"),
         bos_token_id=vocab.index("[CLS]"),
         eos_token_id=vocab.index("[SEP]"),
@@ -118,13 +124,14 @@ def build_small_git(
 class PretrainSettings:
     """Full fine-tuning (fp32) of a fresh small GIT on captioned pictures, so it starts out describing images."""
 
-    steps: int = 3000  # optimizer steps; the 64 px GIT names colours after ~300, positions ~2,000, shapes later
+    steps: int = 3000  # optimizer steps; from GitConfig's start the 64 px GIT names colours after ~300, positions ~2,000 (the demo starts it so that 600 do)
     batch_size: int = 32
     learning_rate: float = 1e-3  # peak, after a linear warm-up, then cosine decay to 0 (2e-3 was worse)
     warmup_steps: int = 100
     weight_decay: float = 0.01
     max_length: int = 16  # caption tokens, [CLS] and [SEP] included
     sincos_positions: bool = True  # start the vision tower from 2-D sine-cosine positions (for a fresh model)
+    position_temperature: float = 10000.0  # their longest wavelength; 10000 (MAE's) suits large grids
     seed: int = 0
 
 
@@ -192,7 +199,7 @@ def pretrain_small_git(folder: Path, examples: list, settings: PretrainSettings 
     processor = AutoProcessor.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).train()
     if settings.sincos_positions:
-        init_vision_positions(model)
+        init_vision_positions(model, settings.position_temperature)
     data = {key: value.to(device) for key, value in encode_examples(processor, examples, settings.max_length).items()}
     start = time.perf_counter()
     losses = _fit(model, data, settings)
@@ -207,11 +214,14 @@ def pretrain_small_git(folder: Path, examples: list, settings: PretrainSettings 
     return stats
 
 
-def sincos_position_table(grid: int, dim: int) -> torch.Tensor:
-    """2-D sine-cosine position codes (as in MAE) for a grid x grid of patches, one row per patch, row-major."""
+def sincos_position_table(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """2-D sine-cosine position codes (as in MAE) for a grid x grid of patches, one row per patch, row-major.
+
+    Frequencies run from 1 down to 1/temperature; with MAE's 10000 most of them hardly change across a small
+    grid (4 x 4), so a few-step grid wants a small temperature."""
     if dim % 4:
         raise ValueError(f"the embedding width must be a multiple of 4 for 2-D sine-cosine codes; got {dim}")
-    frequencies = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    frequencies = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
     parts = []
     for coordinate in (ys.flatten(), xs.flatten()):
@@ -220,7 +230,7 @@ def sincos_position_table(grid: int, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).float()
 
 
-def init_vision_positions(model) -> None:
+def init_vision_positions(model, temperature: float = 10000.0) -> None:
     """Give the vision tower 2-D sine-cosine patch positions in place of its 0.02-scale random ones.
 
     The random ones are ~40x weaker than the patch contents, so a from-scratch GIT takes thousands of
@@ -230,4 +240,4 @@ def init_vision_positions(model) -> None:
     grid = embeddings.image_size // embeddings.patch_size
     with torch.no_grad():
         embeddings.position_embedding.weight[0].zero_()  # the class token has no place
-        embeddings.position_embedding.weight[1:] = sincos_position_table(grid, embeddings.embed_dim)
+        embeddings.position_embedding.weight[1:] = sincos_position_table(grid, embeddings.embed_dim, temperature)

@@ -24,13 +24,18 @@ def base_caption(scene: Scene) -> str:
     return f"a {scene.colour} {scene.shape} on the {scene.position}"
 
 
-def user_captions(scene: Scene) -> list[str]:
-    """The user's own style: several reference captions per picture, as in COCO."""
+def user_captions(scene: Scene, third: int = 0) -> list[str]:
+    """The user's own style: three reference captions per picture, as in COCO; `third` picks the third one's phrasing.
+
+    The two third phrasings are drawn at random per picture, so no two ways of going on from a shared beginning are
+    equally frequent: with the same three phrasings for every picture, "... is red" then [SEP] or "in colour" were a
+    coin toss the model learnt exactly, and greedy captions in bf16 and fp32 flipped on it."""
     where = "in the middle" if scene.position == "middle" else f"on the {scene.position}"
+    thirds = (f"the {scene.shape} {where} is {scene.colour} in colour", f"there is one {scene.colour} {scene.shape} {where}")
     return [
         f"the {scene.shape} {where} is {scene.colour}",
         f"{where} there is one {scene.colour} {scene.shape}",
-        f"the {scene.shape} {where} is {scene.colour} in colour",
+        thirds[third],
     ]
 
 
@@ -99,14 +104,14 @@ def write_demo_dataset(root: Path, train_count: int, test_count: int, seed: int 
     rows = []
     for split, count in (("train", train_count), ("test", test_count)):
         for name, scene in write_split(root / split, count, rng, size):
-            rows += [(f"{split}/{name}", caption) for caption in user_captions(scene)]
+            rows += [(f"{split}/{name}", caption) for caption in user_captions(scene, rng.randrange(2))]
     write_captions_csv(root / "captions.csv", rows)
     return root
 
 
 def every_caption() -> list[str]:
     """All captions either style can produce: the vocabulary of the demo's tokenizer."""
-    return [c for scene in all_scenes() for c in [base_caption(scene)] + user_captions(scene)]
+    return [c for scene in all_scenes() for c in [base_caption(scene), *user_captions(scene, 0), *user_captions(scene, 1)]]
 
 
 def generate_base_examples(count: int, seed: int = 0, size: int = 64) -> list[tuple[Image.Image, str]]:
