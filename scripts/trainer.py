@@ -224,7 +224,7 @@ class CaptionScorer:
               baseline: dict[str, str] | None = None) -> tuple[dict, dict[str, str]]:
         """(scores, predictions) of captions from `caption` (call it on all ranks).
 
-        fgd=False is a validation during training: no FGD, no intervals, and METEOR (a Java start) only when
+        fgd=False is a validation during training: no FGD, no intervals, and METEOR only when
         --metric_for_best_model needs it. baseline: captions of the same images to pair the change with."""
         from utils.evaluation import evaluate_captions
 

@@ -442,7 +442,7 @@ def evaluate_captions(
     systems = [(sets.hypotheses, extra_per_image)]
     systems += [(sets.baseline, baseline_extra_per_image)] if sets.baseline is not None else []
     with ThreadPoolExecutor(max_workers=1) as pool:
-        # METEOR's Java start (10-30 s: its paraphrase table) runs while Python computes everything else.
+        # METEOR (in Java; on its first use in a job also its 10-30 s start) runs while Python computes the rest.
         pending = pool.submit(_meteor, sets, java, meteor)
         scored = [_score_ngrams(hypotheses, sets.references, extra) for hypotheses, extra in systems]
         fgd = _fgd(sets, fgd_model, device)
