@@ -298,7 +298,7 @@ def meteor_from_stats(stats: np.ndarray) -> np.ndarray:
 
 class _JavaProcess:
     """One line-based Java subprocess under a deadline: writes from a thread (so neither side's pipe buffer can
-    deadlock the other), reads stdout lines through a queue, keeps stderr, and is always killed and waited for."""
+    deadlock the other), reads stdout lines through a queue, keeps stderr; close() kills it and waits for it."""
 
     def __init__(self, cmd: list[str], timeout: float, name: str):
         self.name, self.owner = name, os.getpid()
@@ -320,12 +320,6 @@ class _JavaProcess:
 
     def running(self) -> bool:
         return self.process.poll() is None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, error_type, *_) -> None:
-        self.close(kill=error_type is not None)
 
     def _drain_stderr(self) -> None:
         for chunk in iter(lambda: self.process.stderr.read(4096), b""):
