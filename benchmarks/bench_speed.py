@@ -273,7 +273,8 @@ FAST_PARTS = {
     "caption_merged_int8": lambda out, args: product_caption(out, True, "off", "int8"),
     "caption_merged_int8_compiled": lambda out, args: product_caption(out, True, "on", "int8"),
     "caption_adapter_eager": lambda out, args: product_caption(out, False, "off", "auto"),
-    "caption_adapter_compiled": lambda out, args: product_caption(out, False, "on", "auto"),
+    "caption_adapter_compiled_cold": lambda out, args: product_caption(out, False, "on", "auto"),
+    "caption_adapter_compiled_warm": lambda out, args: product_caption(out, False, "on", "auto"),
     "fill_fp32": lambda out, args: fill_rate(out, "off", "fp32"),
     "fill_eager": fill_row("off", "auto"),
     "fill_compiled": fill_row("on", "auto"),
@@ -297,7 +298,8 @@ def summarise_fast(results: dict) -> dict:
                           "vs_fill_eager": round(row["images_per_second"] / results["fill_eager"]["images_per_second"], 3),
                           "relative_error_vs_fp32": row.get("relative_error_vs_fp32")}
     rows["compile_seconds"] = {f"{name}_first_batch": results[name]["first_batch_seconds"] for name in
-                               ("caption_merged_compiled_cold", "caption_merged_compiled_warm", "caption_merged_eager")
+                               ("caption_merged_compiled_cold", "caption_merged_compiled_warm", "caption_merged_eager",
+                                "caption_adapter_compiled_cold", "caption_adapter_compiled_warm", "caption_adapter_eager")
                                if name in results}
     return rows
 

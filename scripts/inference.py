@@ -18,6 +18,7 @@ from models.git_qlora import (
     DTYPES, describe_precision, load_adapter_model, load_base_model, load_processor, resolve_base_dtype,
     resolve_compute_dtype, resolve_device,
 )
+from models.greedy_decoding import can_decode_greedily, greedy_caption_ids
 from scripts.report import read_json
 from utils import distributed
 from utils.config import Config, apply_run_settings, find_runs, load_run_config
@@ -72,9 +73,10 @@ def caption_pixel_values(model, processor, pixel_values, max_new_tokens: int = 3
     """Captions for preprocessed images (or cached image features, see models/vision_cache.py)."""
     device = next(model.parameters()).device
     pixel_values = pixel_values.to(device=device, dtype=floating_dtype(model))
-    ids = model.generate(
-        pixel_values=pixel_values, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False
-    )
+    if can_decode_greedily(model, pixel_values, num_beams):  # generate's result without its per-token overhead
+        ids = greedy_caption_ids(model, pixel_values, max_new_tokens)
+    else:
+        ids = model.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
     return [tidy_caption(text) for text in processor.batch_decode(ids, skip_special_tokens=True)]
 
 
@@ -173,7 +175,8 @@ def load_caption_model(config: Config, images: int = 0):
 
     model, processor, config, description = _load_model_for_captions(config.caption_config)
     share = -(-images // distributed.world_size())  # each rank captions its share
-    faster = speed_up_vision_tower(model, config.compile, config.caption_precision, resolve_device(), share, config.batch_size)
+    tokens = config.generation_tokens if config.num_beams == 1 else 0  # the decoder's step compiles for greedy captions
+    faster = speed_up_vision_tower(model, config.compile, config.caption_precision, resolve_device(), share, config.batch_size, tokens)
     return model, processor, config, f"{description}{', ' + faster if faster else ''}"
 
 

@@ -1,0 +1,163 @@
+"""Greedy captioning for GIT without `generate`'s per-token overhead: a key/value cache allocated once.
+
+At batch 8 on a git-base-sized model, `generate` spends about half of a caption on the 20 one-token steps
+(32-45 ms each on a 2-core CPU), and under half of that is the decoder's matrix products: the rest is its
+DynamicCache concatenating (and transposing) every layer's keys and values at every step, the causal-mask
+builder and the logits processors. `greedy_caption_ids` runs the model's own modules in the same order and
+dtype (so a PEFT adapter, a dequantized 4-bit base, a compiled or cached vision tower and autocast apply as
+they do in `generate`) with each layer's keys, transposed, and values written into buffers sized for the whole
+caption, and returns what greedy `generate` returns: the BOS token, then one token per step, padding after a
+row's EOS. Every step has the same shapes (the cache's full length, the unwritten part masked out), so
+models/caption_speed.py can compile `DecodeStep` once for a batch size and caption length.
+
+`generate` stays in charge of anything else (beam search, sampling, a generation config that asks for a
+logits processor, video input): `can_decode_greedily` says which.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+
+# Generation settings that do not change greedy decoding's arithmetic; any other non-default one
+# (repetition_penalty, bad_words_ids, min_new_tokens, ...) leaves the captioning to `generate`.
+NEUTRAL_GENERATION_KEYS = {
+    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "use_cache", "max_length",
+    "output_attentions", "output_hidden_states", "return_dict_in_generate", "transformers_version", "num_beams",
+    "do_sample", "early_stopping", "_from_model_config",
+}
+
+# A faster step (compiled) for a model, set by models/caption_speed.py: GitForCausalLM -> step with
+# .batch_size, .capacity and the DecodeStep call signature. Weak, so it goes with the model.
+_FAST_STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
+
+
+def causal_lm(model) -> torch.nn.Module:
+    """The GitForCausalLM inside a GitForCausalLM, a PeftModel or a DDP wrapper."""
+    while not hasattr(model, "git"):
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model.module
+    return model
+
+
+def can_decode_greedily(model, pixel_values: torch.Tensor, num_beams: int) -> bool:
+    """True when greedy_caption_ids gives what model.generate(..., do_sample=False) would."""
+    config = causal_lm(model).generation_config
+    settings = {key for key, value in config.to_diff_dict().items() if value is not None}
+    neutral = settings <= NEUTRAL_GENERATION_KEYS and not config.do_sample and (config.num_beams or 1) == 1
+    return num_beams == 1 and neutral and pixel_values.ndim == 4 and config.bos_token_id is not None
+
+
+def set_fast_step(model, step) -> None:
+    _FAST_STEPS[causal_lm(model)] = step
+
+
+def fast_step(model):
+    return _FAST_STEPS.get(causal_lm(model))
+
+
+class KeyValueCache:
+    """Each decoder layer's keys, transposed (batch, heads, head size, capacity), and values (batch, heads,
+    capacity, head size); zeros where nothing is written yet, so a masked-out position adds exactly nothing."""
+
+    def __init__(self, layers: int, batch: int, heads: int, head_size: int, capacity: int, dtype, device):
+        self.keys = [torch.zeros(batch, heads, head_size, capacity, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(batch, heads, capacity, head_size, dtype=dtype, device=device) for _ in range(layers)]
+
+
+def _heads(attention, hidden: torch.Tensor, linear) -> torch.Tensor:
+    return linear(hidden).view(*hidden.shape[:-1], -1, attention.attention_head_size).transpose(1, 2)
+
+
+def _attend(attention, query, keys_t, values, mask) -> torch.Tensor:
+    """GitSelfAttention's arithmetic (transformers 5.24): scaled scores, additive mask, softmax, weighted values."""
+    scores = torch.matmul(query, keys_t) / math.sqrt(attention.attention_head_size) + mask
+    context = torch.matmul(torch.nn.functional.softmax(scores, dim=-1), values).permute(0, 2, 1, 3).contiguous()
+    return context.view(*context.shape[:-2], attention.all_head_size)
+
+
+def _layer(layer, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """The rest of a GitLayer after self-attention: output projection + norm, then the MLP + norm."""
+    attended = layer.attention.output(attended, hidden)
+    return layer.output(layer.intermediate(attended), attended)
+
+
+def prefill(git, hidden: torch.Tensor, cache: KeyValueCache) -> torch.Tensor:
+    """The decoder over the image tokens and BOS (the last token): image tokens see each other, not BOS; BOS
+    sees everything. Fills the cache's first positions; returns the last hidden state."""
+    tokens = hidden.shape[1]
+    mask = torch.zeros(tokens, tokens, dtype=hidden.dtype, device=hidden.device)
+    mask[:-1, -1] = torch.finfo(hidden.dtype).min
+    for index, layer in enumerate(git.encoder.layer):
+        attention = layer.attention.self
+        keys, values = cache.keys[index][..., :tokens], cache.values[index][:, :, :tokens]
+        keys.copy_(_heads(attention, hidden, attention.key).transpose(-1, -2))
+        values.copy_(_heads(attention, hidden, attention.value))
+        hidden = _layer(layer, hidden, _attend(attention, _heads(attention, hidden, attention.query), keys, values, mask))
+    return hidden[:, -1:]
+
+
+class DecodeStep(torch.nn.Module):
+    """One new token per row: its embedding at text position `position`, keys and values written at cache slot
+    `slot`, attention over slots 0..slot. Returns the next tokens (greedy). Same shapes at every step."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, tokens, position, slot, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        git = self.lm.git
+        hidden = git.embeddings(input_ids=tokens, position_ids=position.expand_as(tokens))
+        seen = torch.arange(keys[0].shape[-1], device=tokens.device) <= slot
+        mask = torch.where(seen, 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype)
+        for index, layer in enumerate(git.encoder.layer):
+            attention = layer.attention.self
+            keys[index].index_copy_(3, slot, _heads(attention, hidden, attention.key).transpose(-1, -2))
+            values[index].index_copy_(2, slot, _heads(attention, hidden, attention.value))
+            query = _heads(attention, hidden, attention.query)
+            hidden = _layer(layer, hidden, _attend(attention, query, keys[index], values[index], mask))
+        return next_tokens(self.lm, hidden)
+
+
+def next_tokens(lm, hidden: torch.Tensor) -> torch.Tensor:
+    """Greedy choice from the last position, on fp32 logits as `generate` takes them."""
+    return lm.output(hidden[:, -1]).float().argmax(dim=-1)
+
+
+@torch.no_grad()
+def greedy_caption_ids(model, pixel_values: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Token ids (batch, 1 + steps) as greedy `generate` returns them, for preprocessed images (or cached
+    features the model's image encoder accepts as pixel_values)."""
+    lm = causal_lm(model)
+    git, config, device = lm.git, lm.generation_config, pixel_values.device
+    count = pixel_values.shape[0]
+    step = fast_step(lm)
+    if step is not None and count < step.batch_size:  # the compiled step has one batch size: pad the last batch
+        pixel_values = torch.cat([pixel_values, pixel_values.new_zeros((step.batch_size - count, *pixel_values.shape[1:]))])
+    batch = pixel_values.shape[0]
+    eos = torch.tensor([t for t in (config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id])
+                        if t is not None], dtype=torch.long, device=device)
+    pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    tokens = torch.full((batch, 1), config.bos_token_id, dtype=torch.long, device=device)
+
+    visual = git.visual_projection(git.image_encoder(pixel_values).last_hidden_state)
+    hidden = torch.cat((visual, git.embeddings(input_ids=tokens)), dim=1)
+    attention = git.encoder.layer[0].attention.self
+    capacity = hidden.shape[1] + max_new_tokens - 1  # the last token chosen is never fed back
+    cache = KeyValueCache(len(git.encoder.layer), batch, attention.num_attention_heads, attention.attention_head_size,
+                          capacity, hidden.dtype, device)
+    chosen = next_tokens(lm, prefill(git, hidden, cache))
+    if step is None or (step.batch_size, step.capacity) != (batch, capacity):
+        step = DecodeStep(lm)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    for index in range(max_new_tokens):
+        chosen = torch.where(unfinished, chosen, pad)
+        tokens = torch.cat((tokens, chosen[:, None]), dim=1)
+        unfinished &= ~torch.isin(chosen, eos)
+        if index + 1 == max_new_tokens or not unfinished[:count].any():
+            break
+        position = torch.tensor([index + 1], device=device)
+        slot = torch.tensor([visual.shape[1] + 1 + index], device=device)
+        chosen = step(chosen[:, None], position, slot, cache.keys, cache.values)
+    return tokens[:count]
