@@ -316,17 +316,18 @@ def _compile_decoding(model, batch_size: int, tokens: int, key: str) -> str:
 
     lm = causal_lm(model)
     dequantize_4bit_layers(lm, lm.git.embeddings.word_embeddings.weight.dtype)
-    peft_model = getattr(model, "module", model)
+    peft_model, folded = getattr(model, "module", model), ""
     if hasattr(peft_model, "merge_adapter"):
         # A PeftModel: LoRA folded into the (now plain) base weights once, not two more products per layer and
         # token (the compiled adapter step was 0.74x the merged one). --merge_weights' arithmetic, in memory.
         try:
             peft_model.merge_adapter()
+            folded = " (adapter folded into the weights)"
         except Exception as error:  # noqa: BLE001 - e.g. a LoRA over an int8 vision layer: that layer keeps its LoRA
             logger.info("Some adapter layers stay unfolded (%s); they add their LoRA products as before.", error)
     capacity = lm.git.encoder.layer[0].attention.self.image_patch_tokens + tokens
     set_fast_step(lm, CompiledDecodeStep(lm, batch_size, capacity, key))
-    return f"compiled decoder step, {tokens} tokens"
+    return f"compiled decoder step, {tokens} tokens{folded}"
 
 
 def speed_up_vision_tower(model, compile_setting: str, precision: str, device: str, images: int, batch_size: int,
