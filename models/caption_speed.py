@@ -41,8 +41,9 @@ DEVICE_COSTS = {
              "decode_cold": 60.0, "decode_warm": 15.0, "decode_saved_per_token": 1e-5},
 }
 # Weights are constants of the compiled graphs (inductor's freezing: prepacked oneDNN weights on the CPU, 1.2x the
-# step and 1.1x the tower here), which is right because captioning never changes them.
-INFERENCE_OPTIONS = {"freezing": True}
+# step and 1.1x the tower here), which is right because captioning never changes them. Set around each call, as
+# the compile happens in the first: torch.compile(options={"freezing": True}) is silently not applied (torch 2.14).
+INFERENCE_CONFIG = {"freezing": True}
 COMPILED_RECORD = "git_qlora_compiled.json"  # what this project compiled before, and how long it took
 INT8_MIN_TORCHAO = (0, 8)
 COMPILE_BACKEND = "inductor"  # tests put a failing backend here
@@ -64,7 +65,7 @@ def vision_flops_per_image(encoder_config) -> float:
 
 def plan_compile(setting: str, images: int, device: str, flops_per_image: float, cached_seconds: float | None,
                  costs: dict | None = None, tokens: int = 0, cached_decode_seconds: float | None = None) -> CompilePlan:
-    """Whether to compile the vision tower, and with `tokens` > 0 the decoder's one-token step too (--compile
+    """Whether to compile the vision tower, and with `tokens` > 0 the decoder's prefill and step too (--compile
     auto|on|off), and why, for the one log line.
 
     auto compiles when the time it saves on `images` images (this process's share) exceeds the time compiling
@@ -222,8 +223,15 @@ def dequantize_4bit_layers(module: torch.nn.Module, dtype: torch.dtype) -> None:
 def compile_for_inference(module: torch.nn.Module, backend=None):
     """torch.compile for fixed weights and shapes (inductor: weights frozen into the graph)."""
     backend = backend or COMPILE_BACKEND
-    options = INFERENCE_OPTIONS if backend == "inductor" else None
-    return torch.compile(module, dynamic=False, backend=backend, options=options)
+    compiled = torch.compile(module, dynamic=False, backend=backend)
+    if backend != "inductor":
+        return compiled
+
+    def frozen(*inputs):
+        with torch._inductor.config.patch(INFERENCE_CONFIG):
+            return compiled(*inputs)
+
+    return frozen
 
 
 def warn_compile_failed(what: str, error: Exception) -> None:
@@ -279,40 +287,37 @@ class FastVisionTower(torch.nn.Module):
         return BaseModelOutputWithPooling(last_hidden_state=features)
 
 
-class CompiledDecodeStep:
-    """models/greedy_decoding.DecodeStep compiled for one batch size and cache length; the eager step after a
-    failure (a step only overwrites its own cache slot, so running it again eagerly gives the same result)."""
+class CompiledPart:
+    """A module compiled for fixed shapes, or the module itself after a failure; `what` names it in the log. For
+    the decoder's parts, which only overwrite their own cache slots: running one again eagerly gives its result."""
 
-    def __init__(self, lm: torch.nn.Module, batch_size: int, capacity: int, key: str | None = None, backend=None):
-        from models.greedy_decoding import DecodeStep
-
-        self.batch_size, self.capacity, self.key = batch_size, capacity, key
-        self.eager = DecodeStep(lm)
-        self.compiled = compile_for_inference(self.eager, backend)
+    def __init__(self, module: torch.nn.Module, what: str, key: str | None = None, backend=None):
+        self.module, self.what, self.key = module, what, key
+        self.compiled = compile_for_inference(module, backend)
         self.first_call = True
 
     def __call__(self, *inputs):
         if self.compiled is None:
-            return self.eager(*inputs)
+            return self.module(*inputs)
         try:
             start = time.perf_counter()
-            chosen = self.compiled(*inputs)
+            result = self.compiled(*inputs)
         except Exception as error:  # noqa: BLE001 - any compiler or runtime failure: eager, same results
-            warn_compile_failed("the decoder's step", error)
+            warn_compile_failed(self.what, error)
             self.compiled = None
-            return self.eager(*inputs)
+            return self.module(*inputs)
         if self.first_call:
             self.first_call = False
             seconds = time.perf_counter() - start
-            logger.info("Decoder step compiled for batches of %d in %.1f s", self.batch_size, seconds)
+            logger.info("Compiled %s in %.1f s", self.what, seconds)
             if self.key is not None:
                 _remember_compile(self.key, seconds)
-        return chosen
+        return result
 
 
 def _compile_decoding(model, batch_size: int, tokens: int, key: str) -> str:
-    """Captions of `model` decode through a compiled one-token step (greedy captions, batch_size, tokens)."""
-    from models.greedy_decoding import causal_lm, set_fast_step
+    """Captions of `model` decode through a compiled prefill and one-token step (greedy, batch_size, tokens)."""
+    from models.greedy_decoding import DecodeStep, FastDecoding, Prefill, causal_lm, set_fast_decoding
 
     lm = causal_lm(model)
     dequantize_4bit_layers(lm, lm.git.embeddings.word_embeddings.weight.dtype)
@@ -326,8 +331,10 @@ def _compile_decoding(model, batch_size: int, tokens: int, key: str) -> str:
         except Exception as error:  # noqa: BLE001 - e.g. a LoRA over an int8 vision layer: that layer keeps its LoRA
             logger.info("Some adapter layers stay unfolded (%s); they add their LoRA products as before.", error)
     capacity = lm.git.encoder.layer[0].attention.self.image_patch_tokens + tokens
-    set_fast_step(lm, CompiledDecodeStep(lm, batch_size, capacity, key))
-    return f"compiled decoder step, {tokens} tokens{folded}"
+    set_fast_decoding(lm, FastDecoding(batch_size, capacity,
+                                       CompiledPart(Prefill(lm), "the decoder's prefill", f"{key}-prefill"),
+                                       CompiledPart(DecodeStep(lm), "the decoder's step", f"{key}-step")))
+    return f"compiled decoder, {tokens} tokens{folded}"
 
 
 def speed_up_vision_tower(model, compile_setting: str, precision: str, device: str, images: int, batch_size: int,
@@ -353,8 +360,9 @@ def speed_up_vision_tower(model, compile_setting: str, precision: str, device: s
             done.append("int8 vision tower (torchao)")
     key = compile_key(encoder, batch_size, precision, device)
     decode_key = f"{key}-decode-{tokens}"
+    decode_seconds = [cached_compile_seconds(f"{decode_key}-{part}") for part in ("prefill", "step")]
     plan = plan_compile(compile_setting, images, device, vision_flops_per_image(encoder.config), cached_compile_seconds(key),
-                        tokens=tokens, cached_decode_seconds=cached_compile_seconds(decode_key))
+                        tokens=tokens, cached_decode_seconds=None if None in decode_seconds else sum(decode_seconds))
     if compile_setting == "auto":
         logger.info("%s", plan.reason)
     if plan.use:

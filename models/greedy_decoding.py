@@ -8,7 +8,7 @@ dtype (so a PEFT adapter, a dequantized 4-bit base, a compiled or cached vision 
 they do in `generate`) with each layer's keys, transposed, and values written into buffers sized for the whole
 caption, and returns what greedy `generate` returns: the BOS token, then one token per step, padding after a
 row's EOS. Every step has the same shapes (the cache's full length, the unwritten part masked out), so
-models/caption_speed.py can compile `DecodeStep` once for a batch size and caption length.
+models/caption_speed.py can compile `Prefill` and `DecodeStep` once for a batch size and caption length.
 
 `generate` stays in charge of anything else (beam search, sampling, a generation config that asks for a
 logits processor, video input): `can_decode_greedily` says which.
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import weakref
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -29,9 +31,18 @@ NEUTRAL_GENERATION_KEYS = {
     "do_sample", "early_stopping", "_from_model_config",
 }
 
-# A faster step (compiled) for a model, set by models/caption_speed.py: GitForCausalLM -> step with
-# .batch_size, .capacity and the DecodeStep call signature. Weak, so it goes with the model.
-_FAST_STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
+# Faster (compiled) prefill and step for a model, set by models/caption_speed.py. Weak, so it goes with the model.
+_FAST: "weakref.WeakKeyDictionary[torch.nn.Module, FastDecoding]" = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class FastDecoding:
+    """Stand-ins for Prefill(lm) and DecodeStep(lm), made for one batch size and cache capacity."""
+
+    batch_size: int
+    capacity: int
+    prefill: Callable
+    step: Callable
 
 
 def causal_lm(model) -> torch.nn.Module:
@@ -49,12 +60,12 @@ def can_decode_greedily(model, pixel_values: torch.Tensor, num_beams: int) -> bo
     return num_beams == 1 and neutral and pixel_values.ndim == 4 and config.bos_token_id is not None
 
 
-def set_fast_step(model, step) -> None:
-    _FAST_STEPS[causal_lm(model)] = step
+def set_fast_decoding(model, fast: FastDecoding) -> None:
+    _FAST[causal_lm(model)] = fast
 
 
-def fast_step(model):
-    return _FAST_STEPS.get(causal_lm(model))
+def fast_decoding(model) -> FastDecoding | None:
+    return _FAST.get(causal_lm(model))
 
 
 class KeyValueCache:
@@ -83,19 +94,26 @@ def _layer(layer, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
     return layer.output(layer.intermediate(attended), attended)
 
 
-def prefill(git, hidden: torch.Tensor, cache: KeyValueCache) -> torch.Tensor:
+class Prefill(torch.nn.Module):
     """The decoder over the image tokens and BOS (the last token): image tokens see each other, not BOS; BOS
-    sees everything. Fills the cache's first positions; returns the last hidden state."""
-    tokens = hidden.shape[1]
-    mask = torch.zeros(tokens, tokens, dtype=hidden.dtype, device=hidden.device)
-    mask[:-1, -1] = torch.finfo(hidden.dtype).min
-    for index, layer in enumerate(git.encoder.layer):
-        attention = layer.attention.self
-        keys, values = cache.keys[index][..., :tokens], cache.values[index][:, :, :tokens]
-        keys.copy_(_heads(attention, hidden, attention.key).transpose(-1, -2))
-        values.copy_(_heads(attention, hidden, attention.value))
-        hidden = _layer(layer, hidden, _attend(attention, _heads(attention, hidden, attention.query), keys, values, mask))
-    return hidden[:, -1:]
+    sees everything. Fills the cache's first positions; returns the first generated tokens (greedy)."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, hidden: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        tokens = hidden.shape[1]
+        mask = torch.zeros(tokens, tokens, dtype=hidden.dtype, device=hidden.device)
+        mask[:-1, -1] = torch.finfo(hidden.dtype).min
+        for index, layer in enumerate(self.lm.git.encoder.layer):
+            attention = layer.attention.self
+            keys[index][..., :tokens] = _heads(attention, hidden, attention.key).transpose(-1, -2)
+            values[index][:, :, :tokens] = _heads(attention, hidden, attention.value)
+            query = _heads(attention, hidden, attention.query)
+            attended = _attend(attention, query, keys[index][..., :tokens], values[index][:, :, :tokens], mask)
+            hidden = _layer(layer, hidden, attended)
+        return next_tokens(self.lm, hidden)
 
 
 class DecodeStep(torch.nn.Module):
@@ -132,9 +150,9 @@ def greedy_caption_ids(model, pixel_values: torch.Tensor, max_new_tokens: int) -
     lm = causal_lm(model)
     git, config, device = lm.git, lm.generation_config, pixel_values.device
     count = pixel_values.shape[0]
-    step = fast_step(lm)
-    if step is not None and count < step.batch_size:  # the compiled step has one batch size: pad the last batch
-        pixel_values = torch.cat([pixel_values, pixel_values.new_zeros((step.batch_size - count, *pixel_values.shape[1:]))])
+    fast = fast_decoding(lm)
+    if fast is not None and count < fast.batch_size:  # the compiled graphs have one batch size: pad the last batch
+        pixel_values = torch.cat([pixel_values, pixel_values.new_zeros((fast.batch_size - count, *pixel_values.shape[1:]))])
     batch = pixel_values.shape[0]
     eos = torch.tensor([t for t in (config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id])
                         if t is not None], dtype=torch.long, device=device)
@@ -147,9 +165,9 @@ def greedy_caption_ids(model, pixel_values: torch.Tensor, max_new_tokens: int) -
     capacity = hidden.shape[1] + max_new_tokens - 1  # the last token chosen is never fed back
     cache = KeyValueCache(len(git.encoder.layer), batch, attention.num_attention_heads, attention.attention_head_size,
                           capacity, hidden.dtype, device)
-    chosen = next_tokens(lm, prefill(git, hidden, cache))
-    if step is None or (step.batch_size, step.capacity) != (batch, capacity):
-        step = DecodeStep(lm)
+    if fast is None or (fast.batch_size, fast.capacity) != (batch, capacity):
+        fast = FastDecoding(batch, capacity, Prefill(lm), DecodeStep(lm))
+    chosen = fast.prefill(hidden, cache.keys, cache.values)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     for index in range(max_new_tokens):
         chosen = torch.where(unfinished, chosen, pad)
@@ -159,5 +177,5 @@ def greedy_caption_ids(model, pixel_values: torch.Tensor, max_new_tokens: int) -
             break
         position = torch.tensor([index + 1], device=device)
         slot = torch.tensor([visual.shape[1] + 1 + index], device=device)
-        chosen = step(chosen[:, None], position, slot, cache.keys, cache.values)
+        chosen = fast.step(chosen[:, None], position, slot, cache.keys, cache.values)
     return tokens[:count]

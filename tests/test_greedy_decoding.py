@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from models import caption_speed
-from models.greedy_decoding import can_decode_greedily, fast_step, greedy_caption_ids
+from models.greedy_decoding import can_decode_greedily, fast_decoding, greedy_caption_ids
 from models.vision_cache import as_pixel_values, encode_images, vision_from_cache
 
 
@@ -94,11 +94,12 @@ def test_compiled_step_pads_the_short_batch_without_recompiling(varied_model_dir
     expected = _rows_end_apart(model, pixels, 9)
     torch._dynamo.reset()
     done = caption_speed.speed_up_vision_tower(model, "on", "auto", "cpu", 7, 4, tokens=9)
-    assert "compiled decoder step, 9 tokens" in done
+    assert "compiled decoder, 9 tokens" in done
     with torch._dynamo.config.patch(error_on_recompile=True):  # batches of 4 then 3 (padded): one graph
         ids = [greedy_caption_ids(model, pixels[:4], 9), greedy_caption_ids(model, pixels[4:], 9)]
-    step = fast_step(model)
-    assert step.compiled is not None and not step.first_call  # it ran compiled, no fallback
+    fast = fast_decoding(model)
+    for part in (fast.prefill, fast.step):
+        assert part.compiled is not None and not part.first_call  # it ran compiled, no fallback
     width = max(part.shape[1] for part in ids)
     padded = [torch.nn.functional.pad(part, (0, width - part.shape[1])) for part in ids]
     assert torch.equal(torch.cat(padded)[:, :expected.shape[1]], expected)
@@ -109,7 +110,7 @@ def test_a_failing_step_compiler_falls_back_to_eager_with_one_warning(varied_mod
 
     def broken_backend(graph, example_inputs):
         calls.append(1)
-        if len(calls) > 1:  # the vision tower's graph compiles (it is the first), the decoder's step does not
+        if len(calls) > 1:  # the vision tower's graph compiles (it is the first), the decoder's parts do not
             raise RuntimeError("no compiler for this graph")
         return graph.forward
 
@@ -124,7 +125,8 @@ def test_a_failing_step_compiler_falls_back_to_eager_with_one_warning(varied_mod
         assert torch.equal(greedy_caption_ids(model, pixels, 8), expected)
         assert torch.equal(greedy_caption_ids(model, pixels, 8), expected)
     warnings = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
-    assert len(warnings) == 1 and "Compiling the decoder's step failed" in warnings[0] and "no compiler" in warnings[0]
+    assert len(warnings) == 2 and all("no compiler" in text for text in warnings)  # one for each part, once
+    assert "Compiling the decoder's prefill failed" in warnings[0] and "Compiling the decoder's step failed" in warnings[1]
 
 
 @pytest.mark.slow
@@ -136,7 +138,7 @@ def test_inductor_compiled_step_gives_generates_ids(varied_model_dir, monkeypatc
     torch._dynamo.reset()
     caption_speed.speed_up_vision_tower(model, "on", "auto", "cpu", 4, 4, tokens=8)
     assert torch.equal(greedy_caption_ids(model, pixels, 8), expected)
-    assert fast_step(model).compiled is not None
+    assert fast_decoding(model).prefill.compiled is not None and fast_decoding(model).step.compiled is not None
 
 
 def test_inference_compile_on_folds_the_adapter_and_keeps_the_captions(trained_run, data_dir, tmp_path, monkeypatch, caplog):
@@ -150,7 +152,7 @@ def test_inference_compile_on_folds_the_adapter_and_keeps_the_captions(trained_r
     assert main(common + ["--compile", "off", "--predictions_file", str(tmp_path / "eager.csv")]) == 0
     torch._dynamo.reset()
     assert main(common + ["--compile", "on", "--predictions_file", str(tmp_path / "compiled.csv")]) == 0
-    assert "compiled decoder step, 8 tokens (adapter folded into the weights)" in caplog.text and "failed" not in caplog.text
+    assert "compiled decoder, 8 tokens (adapter folded into the weights)" in caplog.text and "failed" not in caplog.text
     read = lambda path: path.read_text(encoding="utf-8").splitlines()  # noqa: E731
     eager, compiled = read(tmp_path / "eager.csv"), read(tmp_path / "compiled.csv")
     # The adapter folded into the bf16 base rounds differently from adding its products: nearly all the same.
