@@ -1,10 +1,12 @@
 """Past the eager ceiling: GIT's vision tower compiled (--compile) and/or in int8 (--caption_precision int8) for
-captioning and feature-cache filling, with eager as the fallback for anything that fails.
+captioning and feature-cache filling, and for greedy captions the decoder's prefill and one-token step compiled
+(models/greedy_decoding.py), with eager as the fallback for anything that fails.
 
-The vision tower is two thirds of a caption's time and all of cache filling; generate() runs it once per batch.
+The vision tower is over half of a caption's time and all of cache filling; a caption runs it once per batch.
 `speed_up_vision_tower` puts a `FastVisionTower` in its place: it runs a compiled (static-shape) copy at one
 batch size, padding a short last batch so nothing recompiles, and falls back to the eager tower, with one
-warning, the first time compiling or running the compiled graph fails. Inductor's on-disk cache lives under the
+warning, the first time compiling or running the compiled graph fails; `CompiledPart` does the same for the
+decoder's two parts. Inductor's on-disk cache lives under the
 user cache (TORCHINDUCTOR_CACHE_DIR, unless set), so a second run loads the compiled kernels instead of
 compiling again; inductor writes its cache entries to a temporary file and renames them into place, so an
 interrupted compile (Ctrl-C) leaves nothing that a later run would read as an entry.
@@ -31,11 +33,13 @@ logger = logging.getLogger(__name__)
 # Measured on a git-base-sized vision tower (ViT-B/16, 224 px, batch 8), see README "Compiled and int8 captioning".
 # compile: seconds of the first call (cold: empty inductor cache; warm: the cache filled by an earlier run);
 # speedup: eager seconds / compiled seconds per image; flops_per_second: the eager tower's effective rate.
-# decode_*: the decoder's one-token step (models/greedy_decoding.py), compiled at batch 8: compile seconds, and the
-# seconds it saves per image and generated token (eager 25-35 ms a step, compiled 16-19 ms, over 8 images).
+# decode_*: the decoder's prefill and one-token step (models/greedy_decoding.py) compiled at batch 8: compile seconds,
+# and the seconds they save per image and generated token (a step 28-33 ms eager, 21 ms compiled, over 8 images).
+# With inductor's freezing (below), 2 December 2026: the tower 60 s cold, 17 s warm, 0.58-0.63 s a batch against
+# 0.93-1.09 eager; prefill + step 24-25 s cold or warm.
 DEVICE_COSTS = {
-    "cpu": {"cold": 40.0, "warm": 8.0, "speedup": 1.25, "flops_per_second": 2.8e11,
-            "decode_cold": 35.0, "decode_warm": 16.0, "decode_saved_per_token": 1.2e-3},
+    "cpu": {"cold": 60.0, "warm": 17.0, "speedup": 1.6, "flops_per_second": 2.8e11,
+            "decode_cold": 25.0, "decode_warm": 25.0, "decode_saved_per_token": 1.2e-3},
     # Not measured in this session (no GPU at hand): conservative guesses, so auto compiles only huge jobs there.
     "cuda": {"cold": 60.0, "warm": 15.0, "speedup": 1.2, "flops_per_second": 1.0e14,
              "decode_cold": 60.0, "decode_warm": 15.0, "decode_saved_per_token": 1e-5},
