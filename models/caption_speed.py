@@ -39,10 +39,10 @@ logger = logging.getLogger(__name__)
 # 0.93-1.09 eager; prefill + step 24-25 s cold or warm.
 DEVICE_COSTS = {
     "cpu": {"cold": 60.0, "warm": 17.0, "speedup": 1.6, "flops_per_second": 2.8e11,
-            "decode_cold": 25.0, "decode_warm": 25.0, "decode_saved_per_token": 1.2e-3},
+            "decode_cold": 25.0, "decode_saved_per_token": 1.2e-3},
     # Not measured in this session (no GPU at hand): conservative guesses, so auto compiles only huge jobs there.
     "cuda": {"cold": 60.0, "warm": 15.0, "speedup": 1.2, "flops_per_second": 1.0e14,
-             "decode_cold": 60.0, "decode_warm": 15.0, "decode_saved_per_token": 1e-5},
+             "decode_cold": 60.0, "decode_saved_per_token": 1e-5},
 }
 # Weights are constants of the compiled graphs (inductor's freezing: prepacked oneDNN weights on the CPU, 1.2x the
 # step and 1.1x the tower here), which is right because captioning never changes them. Set around each call, as

@@ -17,7 +17,6 @@ logits processor, video input): `can_decode_greedily` says which.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,8 +30,9 @@ NEUTRAL_GENERATION_KEYS = {
     "do_sample", "early_stopping", "_from_model_config",
 }
 
-# Faster (compiled) prefill and step for a model, set by models/caption_speed.py. Weak, so it goes with the model.
-_FAST: "weakref.WeakKeyDictionary[torch.nn.Module, FastDecoding]" = weakref.WeakKeyDictionary()
+# Where a model keeps its faster (compiled) prefill and step, set by models/caption_speed.py: a plain attribute of
+# the GitForCausalLM (not a submodule, so never in its state_dict), so it goes with the model.
+FAST_DECODING_ATTRIBUTE = "_git_qlora_fast_decoding"
 
 
 @dataclass(frozen=True)
@@ -61,11 +61,11 @@ def can_decode_greedily(model, pixel_values: torch.Tensor, num_beams: int) -> bo
 
 
 def set_fast_decoding(model, fast: FastDecoding) -> None:
-    _FAST[causal_lm(model)] = fast
+    setattr(causal_lm(model), FAST_DECODING_ATTRIBUTE, fast)
 
 
 def fast_decoding(model) -> FastDecoding | None:
-    return _FAST.get(causal_lm(model))
+    return getattr(causal_lm(model), FAST_DECODING_ATTRIBUTE, None)
 
 
 class KeyValueCache:
