@@ -256,44 +256,10 @@ class _LastHiddenState(torch.nn.Module):
         return self.vision_model(pixel_values=pixel_values).last_hidden_state
 
 
-class FastVisionTower(torch.nn.Module):
-    """Stands in for GIT's image encoder: a compiled graph for batches of up to `batch_size` images (padded to
-    exactly that, so the static graph never recompiles), the eager tower for anything else or after a failure."""
-
-    def __init__(self, encoder: torch.nn.Module, batch_size: int, compile_graph: bool, key: str | None = None,
-                 backend=None):
-        super().__init__()
-        self.encoder, self.config, self.batch_size, self.key = encoder, encoder.config, batch_size, key
-        self.compiled = compile_for_inference(_LastHiddenState(encoder.vision_model), backend) if compile_graph else None
-        self.first_call = True
-        self.train(encoder.training)
-
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs):
-        count = pixel_values.shape[0]
-        if self.compiled is None or interpolate_pos_encoding or kwargs or count > self.batch_size or self.training:
-            return self.encoder(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
-        padded = pixel_values.to(self.encoder.vision_model.embeddings.patch_embedding.weight.dtype)
-        if count < self.batch_size:
-            padded = torch.cat([padded, padded.new_zeros((self.batch_size - count, *padded.shape[1:]))])
-        try:
-            start = time.perf_counter()
-            features = self.compiled(padded)[:count]
-        except Exception as error:  # noqa: BLE001 - any compiler or runtime failure: eager, same results
-            warn_compile_failed("the vision tower", error)
-            self.compiled = None
-            return self.encoder(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        if self.first_call:
-            self.first_call = False
-            seconds = time.perf_counter() - start
-            logger.info("Vision tower compiled for batches of %d in %.1f s (inductor cache: %s)", self.batch_size, seconds, inductor_cache_dir())
-            if self.key is not None:
-                _remember_compile(self.key, seconds)
-        return BaseModelOutputWithPooling(last_hidden_state=features)
-
-
 class CompiledPart:
-    """A module compiled for fixed shapes, or the module itself after a failure; `what` names it in the log. For
-    the decoder's parts, which only overwrite their own cache slots: running one again eagerly gives its result."""
+    """A module compiled for fixed shapes, or the module itself after a failure; `what` names it in the log.
+    Running a module again eagerly gives its result: the tower is pure, and the decoder's parts only overwrite
+    their own cache slots."""
 
     def __init__(self, module: torch.nn.Module, what: str, key: str | None = None, backend=None):
         self.module, self.what, self.key = module, what, key
@@ -313,15 +279,46 @@ class CompiledPart:
         if self.first_call:
             self.first_call = False
             seconds = time.perf_counter() - start
-            logger.info("Compiled %s in %.1f s", self.what, seconds)
+            logger.info("Compiled %s in %.1f s (inductor cache: %s)", self.what, seconds, inductor_cache_dir())
             if self.key is not None:
                 _remember_compile(self.key, seconds)
         return result
 
 
+class FastVisionTower(torch.nn.Module):
+    """Stands in for GIT's image encoder: a compiled graph for batches of up to `batch_size` images (padded to
+    exactly that, so the static graph never recompiles), the eager tower for anything else or after a failure."""
+
+    def __init__(self, encoder: torch.nn.Module, batch_size: int, compile_graph: bool, key: str | None = None,
+                 backend=None):
+        super().__init__()
+        self.encoder, self.config, self.batch_size = encoder, encoder.config, batch_size
+        graph = _LastHiddenState(encoder.vision_model)
+        self.part = CompiledPart(graph, "the vision tower", key, backend) if compile_graph else None
+        self.train(encoder.training)
+
+    @property
+    def compiled(self):
+        return self.part.compiled if self.part is not None else None
+
+    @property
+    def first_call(self) -> bool:
+        return self.part is None or self.part.first_call
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs):
+        count = pixel_values.shape[0]
+        if self.compiled is None or interpolate_pos_encoding or kwargs or count > self.batch_size or self.training:
+            return self.encoder(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        padded = pixel_values.to(self.encoder.vision_model.embeddings.patch_embedding.weight.dtype)
+        if count < self.batch_size:
+            padded = torch.cat([padded, padded.new_zeros((self.batch_size - count, *padded.shape[1:]))])
+        return BaseModelOutputWithPooling(last_hidden_state=self.part(padded)[:count])
+
+
 def _compile_decoding(model, batch_size: int, tokens: int, key: str) -> str:
     """Captions of `model` decode through a compiled prefill and one-token step (greedy, batch_size, tokens)."""
-    from models.greedy_decoding import DecodeStep, FastDecoding, Prefill, causal_lm, set_fast_decoding
+    from models.greedy_decoding import DecodeStep, FastDecoding, Prefill, set_fast_decoding
+    from models.vision_cache import causal_lm
 
     lm = causal_lm(model)
     dequantize_4bit_layers(lm, lm.git.embeddings.word_embeddings.weight.dtype)

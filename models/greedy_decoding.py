@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from models.vision_cache import causal_lm
+
 # Generation settings that do not change greedy decoding's arithmetic; any other non-default one
 # (repetition_penalty, bad_words_ids, min_new_tokens, ...) leaves the captioning to `generate`.
 NEUTRAL_GENERATION_KEYS = {
@@ -43,13 +45,6 @@ class FastDecoding:
     capacity: int
     prefill: Callable
     step: Callable
-
-
-def causal_lm(model) -> torch.nn.Module:
-    """The GitForCausalLM inside a GitForCausalLM, a PeftModel or a DDP wrapper."""
-    while not hasattr(model, "git"):
-        model = model.get_base_model() if hasattr(model, "get_base_model") else model.module
-    return model
 
 
 def can_decode_greedily(model, pixel_values: torch.Tensor, num_beams: int) -> bool:

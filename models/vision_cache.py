@@ -30,11 +30,16 @@ logger = logging.getLogger(__name__)
 FEATURE_CHANNELS = 1
 
 
-def git_model(model) -> torch.nn.Module:
-    """The GitModel inside a GitForCausalLM, a PeftModel or a DDP wrapper."""
+def causal_lm(model) -> torch.nn.Module:
+    """The GitForCausalLM inside a GitForCausalLM, a PeftModel or a DDP wrapper."""
     while not hasattr(model, "git"):
         model = model.get_base_model() if hasattr(model, "get_base_model") else model.module
-    return model.git
+    return model
+
+
+def git_model(model) -> torch.nn.Module:
+    """The GitModel inside a GitForCausalLM, a PeftModel or a DDP wrapper."""
+    return causal_lm(model).git
 
 
 def feature_shape(model) -> tuple[int, int]:
