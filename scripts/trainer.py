@@ -24,6 +24,7 @@ from models.git_qlora import (
     resolve_device, training_autocast, wrapped_lora_layers,
 )
 from models.vision_cache import as_pixel_values, feature_shape, fill_feature_cache, plan_feature_cache, vision_from_cache
+from models.training_speed import last_layer_over_caption_rows
 from scripts.early_stopping import CaptionEarlyStopping
 from scripts.report import (
     VAL_PREDICTIONS_NAME, read_val_predictions, save_train_history, save_val_predictions, write_training_report,
@@ -279,9 +280,11 @@ class CaptionTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # GIT computes logits for its 197 image positions too and then drops them: with a 30,522-word LM head
         # that is most of a step's work and memory. Only the caption positions get logits here.
+        # Those logits read only the caption rows of the last decoder layer, so that layer computes only them.
         inputs = dict(inputs)
         labels = inputs.pop("labels")
-        outputs = model(**inputs, logits_to_keep=labels.shape[1])
+        with last_layer_over_caption_rows(model, labels.shape[1]):
+            outputs = model(**inputs, logits_to_keep=labels.shape[1], use_cache=False)
         loss = caption_loss(outputs.logits, labels, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 

@@ -1,0 +1,163 @@
+"""The cheaper training step (models/training_speed.py) against the plain one: the same loss and gradients."""
+
+import copy
+
+import pytest
+import torch
+
+from models.git_qlora import load_base_model, prepare_for_training
+from models.training_speed import FastDropout, last_layer_over_caption_rows, store_frozen_matrices_in, use_fast_dropout
+from models.vision_cache import git_model
+from scripts.trainer import caption_loss
+from utils.config import Config
+
+
+def _train_model(model_dir, **changes):
+    config = Config(mode="train", model_name=str(model_dir), bnb_4bit_compute_dtype="float32", **changes)
+    torch.manual_seed(0)
+    model = prepare_for_training(load_base_model(config, "cpu"), config)
+    with torch.no_grad():  # a trained adapter, so that every LoRA weight changes the outputs and gets a gradient
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    return model
+
+
+def _inputs(model, batch=3, text=7):
+    generator = torch.Generator().manual_seed(1)
+    size = model.config.vision_config.image_size
+    pixel_values = torch.randn(batch, 3, size, size, generator=generator)
+    ids = torch.randint(5, model.config.vocab_size, (batch, text), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0  # a padded caption: its rows of the attention mask must be the ones used
+    labels = ids.masked_fill(mask == 0, -100)
+    return pixel_values, ids, mask, labels
+
+
+def _loss_and_grads(model, inputs, caption_rows: bool):
+    pixel_values, ids, mask, labels = inputs
+    model.zero_grad(set_to_none=True)
+    if caption_rows:
+        with last_layer_over_caption_rows(model, ids.shape[1]):
+            out = model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1], use_cache=False)
+    else:
+        out = model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1], use_cache=False)
+    loss = caption_loss(out.logits, labels)
+    loss.backward()
+    return loss.detach(), out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_last_layer_over_caption_rows_gives_the_full_layers_loss_and_gradients(tiny_model_dir):
+    model = _train_model(tiny_model_dir).eval()  # eval: no dropout, so both passes compute the same function
+    inputs = _inputs(model)
+    loss, logits, grads = _loss_and_grads(model, inputs, caption_rows=False)
+    fast_loss, fast_logits, fast_grads = _loss_and_grads(model, inputs, caption_rows=True)
+    assert torch.allclose(fast_logits, logits, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(fast_loss, loss, atol=1e-6)
+    assert grads and set(fast_grads) == set(grads)
+    for name, grad in grads.items():
+        assert torch.allclose(fast_grads[name], grad, atol=1e-6, rtol=1e-4), name
+    # and the layer is itself again afterwards
+    assert "forward" not in vars(git_model(model).encoder.layer[-1])
+
+
+def test_the_trainer_loss_equals_the_models_own_loss_with_caption_rows(tiny_model_dir):
+    """GIT's own loss (all positions through every layer, labels passed in) against the Trainer's cheaper one."""
+    model = _train_model(tiny_model_dir).eval()
+    pixel_values, ids, mask, labels = _inputs(model)
+    with torch.no_grad():
+        own = model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask, labels=labels).loss
+        with last_layer_over_caption_rows(model, ids.shape[1]):
+            out = model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1], use_cache=False)
+    assert torch.allclose(caption_loss(out.logits, labels), own, atol=1e-5)
+
+
+def test_fast_dropout_keeps_each_element_with_probability_one_minus_p_and_preserves_the_mean():
+    p, n = 0.1, 1_000_000
+    q = round(p * 65536) / 65536
+    dropout = FastDropout(p).train()
+    torch.manual_seed(0)
+    x = torch.ones(n, requires_grad=True)
+    y = dropout(x)
+    kept = y != 0
+    sigma = (q * (1 - q) / n) ** 0.5
+    assert abs(kept.float().mean().item() - (1 - q)) < 5 * sigma
+    assert torch.equal(y[kept], torch.full_like(y[kept], 1 / (1 - q)))  # kept elements scaled as nn.Dropout does
+    assert abs(y.mean().item() - 1) < 5 * sigma / (1 - q)
+    # neighbours (slices of one 64-bit draw, and across draws) are independent
+    a, b = kept[:-1].float(), kept[1:].float()
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.01
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(sum)/dx = mask * scale
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x.detach()), y.detach())  # torch's generator decides the masks
+    assert not torch.equal(dropout(x.detach()), y.detach())
+    assert torch.equal(dropout.eval()(x.detach()), x.detach())
+
+
+def test_fast_dropout_works_on_other_shapes_and_dtypes():
+    dropout = FastDropout(0.25).train()
+    for shape, dtype in (((3, 5, 7), torch.float32), ((2, 4, 9, 9), torch.bfloat16), ((1,), torch.float32)):
+        x = torch.randn(shape, dtype=dtype)
+        y = dropout(x)
+        assert y.shape == x.shape and y.dtype == dtype
+        kept = y != 0
+        assert torch.allclose(y[kept].float(), (x[kept] * (1 / (1 - 0.25))).float(), rtol=1e-2)
+
+
+def test_prepare_for_training_puts_fast_dropout_everywhere_gits_dropout_was(tiny_model_dir):
+    plain = load_base_model(Config(mode="train", model_name=str(tiny_model_dir)), "cpu")
+    expected = sum(1 for m in plain.modules() if type(m) is torch.nn.Dropout and m.p > 0)
+    model = _train_model(tiny_model_dir)
+    assert expected > 0
+    assert sum(1 for m in model.modules() if isinstance(m, FastDropout)) == expected
+    assert not any(type(m) is torch.nn.Dropout and m.p > 0 for m in model.modules())
+    assert use_fast_dropout(model) == 0  # twice is harmless
+
+
+def test_frozen_matrices_in_bf16_give_the_same_autocast_step(tiny_model_dir):
+    config = Config(mode="train", model_name=str(tiny_model_dir), bnb_4bit_compute_dtype="bfloat16")
+    torch.manual_seed(0)
+    reference = prepare_for_training(load_base_model(config, "cpu"), config).eval()
+    # On a CPU without native bf16 prepare_for_training leaves them in fp32; start from fp32 copies either way.
+    for module in (git_model(reference).embeddings.word_embeddings, reference.base_model.model.output):
+        for weight in (module.weight, getattr(module, "bias", None)):
+            if weight is not None:
+                weight.data = weight.data.float()
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+    model = copy.deepcopy(reference)
+    saved = store_frozen_matrices_in(model, torch.bfloat16)
+    head, embeddings = model.base_model.model.output, git_model(model).embeddings.word_embeddings
+    assert head.weight.dtype == embeddings.weight.dtype == torch.bfloat16
+    assert saved == 2 * (head.weight.numel() + head.bias.numel() + embeddings.weight.numel())
+    pixel_values, ids, mask, labels = _inputs(model)
+    assert torch.equal(embeddings(ids), git_model(reference).embeddings.word_embeddings(ids))  # fp32 rows, as before
+    results = []
+    for m in (reference, model):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(pixel_values=pixel_values, input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1], use_cache=False)
+            loss = caption_loss(out.logits, labels)
+        loss.backward()
+        results.append((out.logits.float(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (logits, grads), (fast_logits, fast_grads) = results
+    assert torch.equal(fast_logits, logits)
+    for name, grad in grads.items():
+        assert torch.allclose(fast_grads[name], grad, atol=1e-6, rtol=1e-3), name
+    with torch.no_grad():  # without autocast (validation captions) the head computes in bf16 and returns fp32
+        assert model(pixel_values=pixel_values, input_ids=ids).logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bits", [4])
+def test_training_keeps_learning_with_the_cheaper_step(tiny_model_dir, bits):
+    """A few optimizer steps on one batch, through the Trainer's loss: the loss falls."""
+    model = _train_model(tiny_model_dir, quantization_bits=bits).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    inputs = _inputs(model)
+    losses = []
+    for _ in range(8):
+        loss, _, _ = _loss_and_grads(model, inputs, caption_rows=True)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.8
