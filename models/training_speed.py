@@ -104,6 +104,9 @@ def last_layer_over_caption_rows(model: torch.nn.Module, rows: int):
     git-base step's decoder work. Not for anything that reads the last hidden states of all positions.
     """
     layer = git_model(model).encoder.layer[-1]
+    if getattr(layer, "gradient_checkpointing", False):  # backward recomputes the layer after the block: keep it whole
+        yield
+        return
     layer.forward = lambda hidden_states, attention_mask=None, cache=None, **kwargs: _caption_rows_forward(
         layer, rows, hidden_states, attention_mask, cache)
     try:

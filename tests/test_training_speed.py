@@ -161,3 +161,18 @@ def test_training_keeps_learning_with_the_cheaper_step(tiny_model_dir, bits):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.8
+
+
+def test_caption_rows_with_gradient_checkpointing_keeps_the_layer_whole(tiny_model_dir):
+    """Backward recomputes checkpointed layers after the loss's block has ended: the layer must not change shape."""
+    model = _train_model(tiny_model_dir, gradient_checkpointing=True).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    assert git_model(model).encoder.layer[-1].gradient_checkpointing
+    inputs = _inputs(model)
+    loss, _, grads = _loss_and_grads(model, inputs, caption_rows=False)
+    fast_loss, _, fast_grads = _loss_and_grads(model, inputs, caption_rows=True)
+    assert torch.allclose(fast_loss, loss, atol=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(fast_grads[name], grad, atol=1e-6, rtol=1e-4), name
