@@ -1,5 +1,5 @@
-"""A cheaper QLoRA training step for GIT, with the same arithmetic: faster dropout masks on the CPU, the last
-decoder layer over the caption rows only, and no fp32 copies of frozen matrices autocast casts back anyway.
+"""A cheaper QLoRA training step for GIT, with the same arithmetic under autocast: faster dropout masks on the CPU,
+the last decoder layer over the caption rows only, and no fp32 copies of frozen matrices autocast casts back anyway.
 
 Profiled on a git-base-sized model (batch 4, cached image features, bf16 autocast, 2-core CPU), a step spent
 about 15% drawing GIT's dropout masks (torch's CPU `bernoulli_` draws one 32-bit number per element), and
