@@ -62,7 +62,7 @@ def store_frozen_matrices_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
     trains under `dtype` autocast: their values are `dtype` values, and autocast casts the LM head's weight back
     to `dtype` at every step (a 47 MB copy). The embeddings' rows are cast up to fp32 as they are looked up, so
     they are the rows they were; the LM head computes in `dtype`, as it does under autocast and as --inference
-    runs it on such machines, and returns the input's dtype. Only call it in that case."""
+    runs it on such machines, and returns fp32 logits. Only call it in that case."""
     saved = 0
     embeddings = git_model(model).embeddings.word_embeddings
     head = causal_lm(model).output
@@ -73,24 +73,19 @@ def store_frozen_matrices_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
             saved += weight.numel() * (weight.element_size() - torch.empty((), dtype=dtype).element_size())
             weight.data = weight.data.to(dtype)
     if embeddings.weight.dtype == dtype:
-        embeddings.register_forward_hook(_rows_as_fp32)
-    if head.weight.dtype == dtype:
+        embeddings.register_forward_hook(_output_as_fp32)
+    if head.weight.dtype == dtype:  # its input is the fp32 residual stream (the fp32 final LayerNorm)
         head.register_forward_pre_hook(_input_in_weight_dtype)
-        head.register_forward_hook(_output_in_input_dtype)
+        head.register_forward_hook(_output_as_fp32)
     return saved
 
 
-def _rows_as_fp32(module, inputs, output: torch.Tensor) -> torch.Tensor:
+def _output_as_fp32(module, inputs, output: torch.Tensor) -> torch.Tensor:
     return output.float()
 
 
 def _input_in_weight_dtype(module, inputs):
-    module._git_qlora_input_dtype = inputs[0].dtype
     return (inputs[0].to(module.weight.dtype), *inputs[1:])
-
-
-def _output_in_input_dtype(module, inputs, output: torch.Tensor) -> torch.Tensor:
-    return output.to(module._git_qlora_input_dtype)
 
 
 @contextmanager
