@@ -34,7 +34,7 @@ class CaptionEarlyStopping(EarlyStoppingCallback):
                         self.early_stopping_patience_counter, self.early_stopping_patience)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        pass  # see judge
+        pass  # the stock callback judges here, on metrics without the caption scores; judge() runs once they are in
 
     def judge(self, args, state, control, metrics: dict) -> None:
         name = args.metric_for_best_model
