@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig
 
-from models.training_speed import store_frozen_matrices_in, use_fast_dropout
+from models.training_speed import cast_4bit_lora_inputs_under_autocast, store_frozen_matrices_in, use_fast_dropout
 from utils import distributed
 from utils.config import Config
 from utils.errors import UserInputError
@@ -284,16 +284,19 @@ def prepare_for_training(model, config: Config):
 
 
 def speed_up_training_step(model, config: Config) -> None:
-    """The same step, cheaper (models/training_speed.py): fast CPU dropout masks, and where the weights were loaded
-    in the autocast dtype, the frozen embedding and LM-head matrices kept in it instead of fp32 copies."""
+    """The same step, cheaper (models/training_speed.py): fast CPU dropout masks; where the weights were loaded
+    in the autocast dtype, the frozen embedding and LM-head matrices kept in it instead of fp32 copies; under
+    autocast, 4-bit LoRA layers given their input in the autocast dtype (one cast, as for a plain Linear)."""
     device = next(model.parameters()).device.type
     dropouts = use_fast_dropout(model)
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(training_autocast(config, device))
     saved = 0
     if config.quantization_bits in (4, 8) and autocast is not None and autocast == resolve_base_dtype(config, device):
         saved = store_frozen_matrices_in(model, autocast)
-    logger.info("Training step: %d dropout layers with fast CPU masks; %.0f MB of frozen fp32 copies kept in %s instead",
-                dropouts, saved / 2**20, str(autocast).replace("torch.", "") if saved else "-")
+    cast = cast_4bit_lora_inputs_under_autocast(model) if autocast is not None else 0
+    logger.info("Training step: %d dropout layers with fast CPU masks; %.0f MB of frozen fp32 copies kept in %s instead; "
+                "%d 4-bit LoRA layers take their input in the autocast dtype",
+                dropouts, saved / 2**20, str(autocast).replace("torch.", "") if saved else "-", cast)
 
 
 def captions_from_dequantized_base(config: Config, device: str) -> bool:

@@ -20,7 +20,7 @@ from transformers.integrations import TensorBoardCallback
 
 from models.caption_speed import fast_vision_tower_for_filling
 from models.git_qlora import (
-    describe_precision, load_base_model, load_processor, prepare_for_training, resolve_base_dtype, resolve_compute_dtype,
+    describe_precision, load_base_model, release_freed_heap, load_processor, prepare_for_training, resolve_base_dtype, resolve_compute_dtype,
     resolve_device, training_autocast, wrapped_lora_layers,
 )
 from models.vision_cache import as_pixel_values, feature_shape, fill_feature_cache, plan_feature_cache, vision_from_cache
@@ -515,6 +515,7 @@ def prepare_feature_cache(config: Config, run_dir: Path, model, processor, split
     share = -(-len(sources) // distributed.local_world_size())
     with fast_vision_tower_for_filling(model, config.compile, config.caption_precision, device, share, batch, dtype):
         skipped = fill_feature_cache(model, processor, store, sources, batch, config.num_workers, autocast)
+    release_freed_heap()  # the filling's tower copy and batches, below glibc's mmap threshold, would stay resident
     for key, reason in sorted(skipped.items())[:MAX_NAMES_IN_WARNING]:
         logger.warning("Skipping %s: %s", key, reason)
     return store, time.perf_counter() - start

@@ -1,8 +1,17 @@
 """The dispatcher: argument errors are one clean paragraph with exit code 2, every problem reported at once."""
 
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from git_qlora_main import build_config, build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -49,3 +58,23 @@ def test_each_warning_is_logged_once():
     record = lambda level, text: logging.LogRecord("x", level, __file__, 1, text, None, None)  # noqa: E731
     assert [once.filter(record(logging.WARNING, "w")) for _ in range(3)] == [True, False, False]
     assert once.filter(record(logging.WARNING, "other")) and once.filter(record(logging.INFO, "i")) and once.filter(record(logging.INFO, "i"))
+
+
+@pytest.mark.skipif(any(glob.glob(p) for p in ("/dev/nvidia*", "/dev/kfd", "/dev/dri/renderD*", "/dev/accel*")),
+                    reason="a GPU device node is present: triton is kept")
+def test_without_a_gpu_triton_stays_unloaded_and_the_cpu_compiler_still_works():
+    """torch._dynamo asks for triton at import; the CLI's process tells it there is none, and compiling still runs."""
+    code = ("import sys, git_qlora_main, torch, torch._dynamo, peft, bitsandbytes\n"
+            "from torch.utils._triton import has_triton_package\n"
+            "f = torch.compile(lambda x: x.sin() * 2)\n"
+            "x = torch.randn(8)\n"
+            "assert torch.allclose(f(x), x.sin() * 2)\n"
+            "print(sys.modules.get('triton') is None, has_triton_package())\n")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp()}
+    env.pop("GIT_QLORA_KEEP_TRITON", None)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["True", "False"]
+    kept = subprocess.run([sys.executable, "-c", "import sys, git_qlora_main, torch._dynamo; print('triton' in sys.modules and sys.modules['triton'] is not None)"],
+                          capture_output=True, text=True, cwd=ROOT, env={**env, "GIT_QLORA_KEEP_TRITON": "1"}, timeout=600)
+    assert kept.stdout.split() == ["True"], kept.stderr[-2000:]

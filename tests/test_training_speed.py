@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from models.git_qlora import load_base_model, prepare_for_training
-from models.training_speed import FastDropout, last_layer_over_caption_rows, store_frozen_matrices_in, use_fast_dropout
+from peft.tuners.lora import LoraLayer
+
+from models.training_speed import (
+    FastDropout, cast_4bit_lora_inputs_under_autocast, last_layer_over_caption_rows, store_frozen_matrices_in, use_fast_dropout,
+)
 from models.vision_cache import git_model
 from scripts.trainer import caption_loss
 from utils.config import Config
@@ -176,3 +180,59 @@ def test_caption_rows_with_gradient_checkpointing_keeps_the_layer_whole(tiny_mod
     assert torch.allclose(fast_loss, loss, atol=1e-6)
     for name, grad in grads.items():
         assert torch.allclose(fast_grads[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+def _bf16_train_model(model_dir, hook: bool):
+    config = Config(mode="train", model_name=str(model_dir), bnb_4bit_compute_dtype="bfloat16")
+    torch.manual_seed(0)
+    model = prepare_for_training(load_base_model(config, "cpu"), config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    for module in model.modules():  # start from layers without the hook, whatever prepare_for_training decided
+        if isinstance(module, LoraLayer):
+            module._forward_pre_hooks.clear()
+    return model, (cast_4bit_lora_inputs_under_autocast(model) if hook else 0)
+
+
+def test_4bit_lora_layers_under_autocast_compute_as_autocast_computes_a_plain_linear(tiny_model_dir):
+    """The reference is written out: bf16 input, the dequantized weight and bias in bf16, lora_B(lora_A(x)) scaled."""
+    import bitsandbytes as bnb
+
+    model, hooked = _bf16_train_model(tiny_model_dir, hook=True)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert hooked == len(layers) > 0 and all(isinstance(m.get_base_layer(), bnb.nn.Linear4bit) for m in layers)
+    layer = git_model(model).encoder.layer[0].attention.self.query
+    base = layer.get_base_layer()
+    x = torch.randn(2, 5, base.in_features, generator=torch.Generator().manual_seed(3))
+    weight = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        lora = layer.lora_B["default"](layer.lora_A["default"](x.to(torch.bfloat16))) * layer.scaling["default"]
+    expected = torch.nn.functional.linear(x.to(torch.bfloat16), weight.view(base.out_features, -1), base.bias.to(torch.bfloat16)) + lora
+    assert out.dtype == torch.bfloat16  # as autocast's nn.Linear; without the hook bitsandbytes returns fp32
+    assert torch.allclose(out.float(), expected.float(), atol=2e-2, rtol=1e-2)
+    with torch.no_grad():  # outside autocast the hook leaves the layer alone: same fp32 result as without it
+        plain, _ = _bf16_train_model(tiny_model_dir, hook=False)
+        assert torch.equal(layer(x), git_model(plain).encoder.layer[0].attention.self.query(x))
+
+
+def test_4bit_lora_inputs_in_bf16_keep_the_autocast_loss_and_gradients(tiny_model_dir):
+    """The whole step with and without the hook, under bf16 autocast: the same loss and LoRA gradients to bf16's
+    precision (the sums now round in bf16), and fewer fp32 tensors held for backward."""
+    results = []
+    for hook in (False, True):
+        model, hooked = _bf16_train_model(tiny_model_dir, hook)
+        assert (hooked > 0) == hook
+        pixel_values, ids, mask, labels = _inputs(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1], use_cache=False)
+            loss = caption_loss(out.logits, labels)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (fast_loss, fast_grads) = results
+    assert fast_loss == pytest.approx(loss, rel=1e-2)
+    assert grads and set(fast_grads) == set(grads)
+    for name, grad in grads.items():
+        assert (fast_grads[name] - grad).norm() <= 0.05 * grad.norm() + 1e-6, name
