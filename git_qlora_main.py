@@ -311,5 +311,40 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown()
 
 
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def restart_with_huge_pages() -> None:
+    """Re-run this command (same process id, arguments and environment) with glibc asking the kernel for
+    transparent huge pages for what malloc maps. With the 4 MB mmap threshold above, every tensor buffer over
+    4 MB is a fresh mapping whose 4 KB pages each fault in when first written; with 2 MB pages there are 512
+    times fewer faults. Measured on the git-base-sized training step (CPU, batch 4): 1.23 -> 1.16 s, peak
+    RSS +5 MB (README "Training step"). Only where the kernel offers them on request (THP "madvise" or
+    "always") and glibc has the tunable (2.35+); GIT_QLORA_HUGE_PAGES=0 turns it off."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if (not sys.platform.startswith("linux") or "glibc.malloc.hugetlb" in tunables
+            or os.environ.get("GIT_QLORA_HUGE_PAGES", "1") == "0" or not _glibc_at_least(2, 35)):
+        return
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as f:
+            if "[never]" in f.read():
+                return
+    except OSError:
+        return
+    os.environ["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def _glibc_at_least(major: int, minor: int) -> bool:
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # e.g. "glibc 2.36"
+        return name == "glibc" and tuple(int(part) for part in version.split(".")[:2]) >= (major, minor)
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
 if __name__ == "__main__":
+    restart_with_huge_pages()
     sys.exit(main())

@@ -38,7 +38,8 @@ class FastDropout(torch.nn.Dropout):
         words = torch.empty(-(-x.numel() // 4), dtype=torch.int64).random_(-(2 ** 63), None)
         bits = words.view(torch.int16)[: x.numel()].view(x.shape)
         keep = bits >= dropped - MASK_LEVELS // 2
-        return torch.where(keep, x * (MASK_LEVELS / (MASK_LEVELS - dropped)), 0)
+        # Select, then scale in place: the same values as where(keep, x * scale, 0), one fresh buffer fewer (2x here).
+        return torch.where(keep, x, 0).mul_(MASK_LEVELS / (MASK_LEVELS - dropped))
 
 
 def use_fast_dropout(model: torch.nn.Module) -> int:
@@ -115,12 +116,47 @@ def cast_4bit_lora_inputs_under_autocast(model: torch.nn.Module) -> int:
 def _input_in_autocast_dtype(module, args):
     x = args[0]
     device = x.device.type
-    if x.dtype != torch.float32 or not torch.is_autocast_enabled(device):
+    autocast = torch.is_autocast_enabled(device)
+    # PEFT casts lora_A's input to lora_A's fp32 weight unless it sees autocast, and it looks at CUDA's only; on
+    # the CPU under autocast, lora_A then casts that fp32 copy back: a round trip with the same values, two copies.
+    module.cast_input_dtype_enabled = not autocast
+    if x.dtype != torch.float32 or not autocast:
         return None
     dtype = torch.get_autocast_dtype(device)
     if dtype != module.get_base_layer().compute_dtype:
         return None
-    return (x.to(dtype), *args[1:])
+    return (_SharedCast.apply(x, _cast_of(x, dtype)), *args[1:])
+
+
+_last_cast: list = [None]  # (weak reference to the input, its version counter, dtype, its cast)
+
+
+def _cast_of(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`, computed once for consecutive layers given the same unchanged tensor (a decoder layer's query,
+    key and value all read the same hidden states): one copy made and held for backward instead of three."""
+    import weakref
+
+    last = _last_cast[0]
+    if last is not None and last[0]() is x and last[1] == x._version and last[2] == dtype:
+        return last[3]
+    cast = x.detach().to(dtype)
+    _last_cast[0] = (weakref.ref(x), x._version, dtype, cast)
+    return cast
+
+
+class _SharedCast(torch.autograd.Function):
+    """x.to(dtype) for one layer, its values taken from a cast shared with the other layers reading x. Each layer
+    keeps its own backward node, which casts its gradient back to fp32 as x.to(dtype)'s does, so the gradients
+    reach x and are summed in fp32 exactly as with one cast per layer."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cast: torch.Tensor) -> torch.Tensor:
+        ctx.input_dtype = x.dtype
+        return cast.view_as(cast)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.input_dtype), None
 
 
 @contextmanager

@@ -78,3 +78,24 @@ def test_without_a_gpu_triton_stays_unloaded_and_the_cpu_compiler_still_works():
     kept = subprocess.run([sys.executable, "-c", "import sys, git_qlora_main, torch._dynamo; print('triton' in sys.modules and sys.modules['triton'] is not None)"],
                           capture_output=True, text=True, cwd=ROOT, env={**env, "GIT_QLORA_KEEP_TRITON": "1"}, timeout=600)
     assert kept.stdout.split() == ["True"], kept.stderr[-2000:]
+
+
+def test_the_command_restarts_itself_once_with_glibcs_huge_page_tunable_and_not_when_told_not_to():
+    """Same process id, same arguments; GLIBC_TUNABLES gains the tunable, and a second start does not loop."""
+    import git_qlora_main
+
+    with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as f:
+        if "[never]" in f.read() or not git_qlora_main._glibc_at_least(2, 35):
+            pytest.skip("this kernel or glibc offers no transparent huge pages on request")
+    code = ("import os, sys, git_qlora_main\n"
+            "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:], flush=True)\n"
+            "git_qlora_main.restart_with_huge_pages()\n"
+            "print('ran on', flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "GIT_QLORA_HUGE_PAGES")}
+    run = subprocess.run([sys.executable, "-c", code, "a b"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    first, second, last = run.stdout.splitlines()
+    assert first.split()[0] == second.split()[0] and first.endswith("None ['a b']")
+    assert second.endswith("glibc.malloc.hugetlb=1 ['a b']") and last == "ran on"
+    run = subprocess.run([sys.executable, "-c", code, "x"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**env, "GIT_QLORA_HUGE_PAGES": "0"})
+    assert run.stdout.splitlines()[1:] == ["ran on"]

@@ -236,3 +236,49 @@ def test_4bit_lora_inputs_in_bf16_keep_the_autocast_loss_and_gradients(tiny_mode
     assert grads and set(fast_grads) == set(grads)
     for name, grad in grads.items():
         assert (fast_grads[name] - grad).norm() <= 0.05 * grad.norm() + 1e-6, name
+
+
+def test_fast_dropout_values_and_gradient_are_the_masked_scaled_input_bit_for_bit():
+    """The reference is written out from the documented mask: 16-bit slices of the seeded 64-bit draws."""
+    x = torch.randn(3, 5, 7, 11, requires_grad=True)
+    torch.manual_seed(3)
+    out = FastDropout(0.1).train()(x)
+    torch.manual_seed(3)
+    dropped = round(0.1 * 65536)
+    words = torch.empty(-(-x.numel() // 4), dtype=torch.int64).random_(-(2 ** 63), None)
+    keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= dropped - 32768
+    expected = torch.where(keep, x.detach() * (65536 / (65536 - dropped)), 0)
+    assert torch.equal(out, expected)
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad, keep * (65536 / (65536 - dropped)))
+
+
+def test_one_shared_cast_and_no_peft_round_trip_give_the_one_cast_per_layer_step_bit_for_bit(tiny_model_dir):
+    """The reference hook casts each layer's input on its own and leaves PEFT's own casting alone."""
+    def cast_each(module, args):
+        x = args[0]
+        if x.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+            return (x.to(torch.bfloat16), *args[1:])
+        return None
+
+    results = []
+    for shared in (False, True):
+        model, _ = _bf16_train_model(tiny_model_dir, hook=shared)
+        if not shared:
+            for module in model.modules():
+                if isinstance(module, LoraLayer):
+                    module.register_forward_pre_hook(cast_each)
+        pixel_values, ids, mask, labels = _inputs(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1], use_cache=False)
+            loss = caption_loss(out.logits, labels)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        if shared:  # outside autocast PEFT's casting is back on, so fp32 LoRA weights meet fp32 inputs
+            with torch.no_grad():
+                assert model(pixel_values=pixel_values, input_ids=ids).logits.dtype == torch.float32
+    (loss, grads), (fast_loss, fast_grads) = results
+    assert torch.equal(fast_loss, loss)
+    assert grads and set(grads) == set(fast_grads)
+    for name, grad in grads.items():
+        assert torch.equal(fast_grads[name], grad), name
