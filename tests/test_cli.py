@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from git_qlora_main import build_config, build_parser, main
+from utils.dataset_utils import find_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,3 +100,25 @@ def test_the_command_restarts_itself_once_with_glibcs_huge_page_tunable_and_not_
     run = subprocess.run([sys.executable, "-c", code, "x"], capture_output=True, text=True, cwd=ROOT, timeout=120,
                          env={**env, "GIT_QLORA_HUGE_PAGES": "0"})
     assert run.stdout.splitlines()[1:] == ["ran on"]
+
+
+def test_a_folder_run_trains_without_importing_datasets_and_a_dataset_run_still_reads_one(tmp_path, train_cmd, data_dir, tiny_model_dir):
+    """In a fresh process (as the CLI runs), --train on a folder leaves `datasets` unloaded and the Trainer still
+    trains and saves; --dataset on a JSONL file still loads it."""
+    import json
+
+    code = ("import json, sys, git_qlora_main\n"
+            "rc = git_qlora_main.main(json.loads(sys.argv[1]))\n"
+            "print(rc, sys.modules.get('datasets') is not None)\n")
+    env = {k: v for k, v in os.environ.items() if k != "GIT_QLORA_KEEP_DATASETS"}
+    folder = train_cmd(tmp_path, "folder", "--max_steps", "2")
+    run = subprocess.run([sys.executable, "-c", code, json.dumps(folder)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert run.stdout.split()[-2:] == ["0", "False"], run.stderr[-3000:]
+    assert (tmp_path / "folder" / "final_model" / "adapter_model.safetensors").is_file()
+    rows = [{"image": str(data_dir / "train" / name), "text": "a red circle"} for name in sorted(find_images(data_dir / "train"))[:8]]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    hub = ["--train", "--dataset", str(tmp_path / "data.jsonl"), "--model_name", str(tiny_model_dir), "--output_dir", str(tmp_path),
+           "--run_name", "jsonl", "--batch_size", "4", "--num_workers", "0", "--fgd_model", "none", "--java", "none",
+           "--max_new_tokens", "4", "--max_steps", "1"]
+    run = subprocess.run([sys.executable, "-c", code, json.dumps(hub)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert run.stdout.split()[-2:] == ["0", "True"], run.stderr[-3000:]
