@@ -1,6 +1,7 @@
 """This project's --train and --inference side by side with the references, on a git-base-sized random GIT.
 
     python benchmarks/bench_speed.py [--train_images 64] [--test_images 32] [--output_dir results/bench_speed]
+    python benchmarks/bench_speed.py --only training [--rounds 3]   # the two training rows, in alternating pairs
 
 Each figure comes from its own process, run one after another in this one invocation, so the ratios
 compare runs on the same machine under the same conditions:
@@ -37,7 +38,8 @@ def parse_args():
     parser.add_argument("--train_images", type=int, default=64, help="training pictures, one caption each")
     parser.add_argument("--test_images", type=int, default=96, help="pictures to caption (enough that the first batch's warm-up is a small share)")
     parser.add_argument("--reference_steps", type=int, default=8, help="timed steps of the full fine-tune (after one warm-up)")
-    parser.add_argument("--only", choices=("all", "captioning"), default="all",
+    parser.add_argument("--rounds", type=int, default=3, help="--only training: alternating (reference, --train) pairs")
+    parser.add_argument("--only", choices=("all", "captioning", "training"), default="all",
                         help="captioning: skip the training comparison (the run is trained for 2 steps, enough to caption with)")
     parser.add_argument("--rows", help="comma-separated rows of the fast-path table to run (default: all); caption_fp32 and "
                         "eager_ceiling always run, being what the others are compared with")
@@ -341,6 +343,28 @@ def summarise(results: dict) -> dict:
     }
 
 
+def compare_training(out: Path, args) -> int:
+    """--only training: the full fine-tune and --train in alternating processes, --rounds times; each pair's ratios
+    (the VM's speed drifts by tens of percent within minutes, so a ratio is only taken within one pair)."""
+    pairs = []
+    for round_ in range(args.rounds):
+        pair = {}
+        for name in ("reference_full_finetune", "project_train"):
+            shutil.rmtree(out / "runs", ignore_errors=True)
+            pair[name] = {**run_part(name, args), "load": load()}
+            print(f"round {round_ + 1} {name}: {json.dumps(pair[name])}", file=sys.stderr, flush=True)
+        reference, project = pair["reference_full_finetune"], pair["project_train"]
+        pair["speed_ratio"] = reference["seconds_per_step"] / project["seconds_per_step"]
+        pair["peak_rss_ratio"] = project["peak_rss_mb"] / reference["peak_rss_mb"]
+        pairs.append(pair)
+    results = {"train_images": args.train_images, "pairs": pairs,
+               "speed_ratios": [round(p["speed_ratio"], 2) for p in pairs],
+               "peak_rss_ratios": [round(p["peak_rss_ratio"], 3) for p in pairs]}
+    (out / "bench_training.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps({k: results[k] for k in ("speed_ratios", "peak_rss_ratios")}))
+    return 0
+
+
 def main() -> int:
     args = parse_args()
     out = args.output_dir.resolve()
@@ -352,6 +376,8 @@ def main() -> int:
     import torch
 
     prepare(out, args)
+    if args.only == "training":
+        return compare_training(out, args)
     reuse = args.reuse_run and (out / "runs" / "run" / "merged_model").is_dir()
     if not reuse:
         shutil.rmtree(out / "runs", ignore_errors=True)
