@@ -98,9 +98,10 @@ def cast_4bit_lora_inputs_under_autocast(model: torch.nn.Module) -> int:
     part in autocast: it casts the input to its compute dtype itself and casts the result back to the input's
     dtype, PEFT then clones that fp32 result, and autocast casts the same input to bf16 once more for lora_A.
     Profiled on a git-base-sized step (cached features, batch 4, bf16), those copies were 21% of the step, more
-    than the matrix products. With the input cast once before the layer, the 4-bit product, its weight and
-    lora_A see the same bf16 values as before and the layer returns bf16, as a plain Linear under autocast does;
-    what changes is where the sums round (the layer's output and its input gradient are bf16, not fp32).
+    than the matrix products. With the input cast once before the layer (once for the query, key and value that
+    read the same hidden states) and PEFT's fp32 round trip for lora_A turned off, the 4-bit product, its weight
+    and lora_A see the same bf16 values as before and the layer returns bf16, as a plain Linear under autocast
+    does; what changes is where the sums round (the layer's output and its input gradient are bf16, not fp32).
     """
     import bitsandbytes as bnb
     from peft.tuners.lora import LoraLayer

@@ -20,8 +20,8 @@ from transformers.integrations import TensorBoardCallback
 
 from models.caption_speed import fast_vision_tower_for_filling
 from models.git_qlora import (
-    describe_precision, load_base_model, release_freed_heap, load_processor, prepare_for_training, resolve_base_dtype, resolve_compute_dtype,
-    resolve_device, training_autocast, wrapped_lora_layers,
+    describe_precision, load_base_model, load_processor, prepare_for_training, release_freed_heap, resolve_base_dtype,
+    resolve_compute_dtype, resolve_device, training_autocast, wrapped_lora_layers,
 )
 from models.vision_cache import as_pixel_values, feature_shape, fill_feature_cache, plan_feature_cache, vision_from_cache
 from models.training_speed import last_layer_over_caption_rows
