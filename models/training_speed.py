@@ -11,6 +11,7 @@ the last one; see README "Training step".
 from __future__ import annotations
 
 import math
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -135,8 +136,6 @@ _last_cast: list = [None]  # (weak reference to the input, its version counter, 
 def _cast_of(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x in `dtype`, computed once for consecutive layers given the same unchanged tensor (a decoder layer's query,
     key and value all read the same hidden states): one copy made and held for backward instead of three."""
-    import weakref
-
     last = _last_cast[0]
     if last is not None and last[0]() is x and last[1] == x._version and last[2] == dtype:
         return last[3]
