@@ -338,7 +338,7 @@ def restart_with_huge_pages() -> None:
     transparent huge pages for what malloc maps. With the 4 MB mmap threshold above, every tensor buffer over
     4 MB is a fresh mapping whose 4 KB pages each fault in when first written; with 2 MB pages there are 512
     times fewer faults. Measured on the git-base-sized training step (CPU, batch 4): 1.23 -> 1.16 s, peak
-    RSS +5 MB (README "Training step"). Only where the kernel offers them on request (THP "madvise" or
+    RSS +5-25 MB (README "Training step"). Only where the kernel offers them on request (THP "madvise" or
     "always") and glibc has the tunable (2.35+); GIT_QLORA_HUGE_PAGES=0 turns it off."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if (not sys.platform.startswith("linux") or "glibc.malloc.hugetlb" in tunables
