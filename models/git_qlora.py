@@ -12,7 +12,9 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig
 
-from models.training_speed import cast_4bit_lora_inputs_under_autocast, store_frozen_matrices_in, use_fast_dropout
+from models.training_speed import (
+    attention_scores_in_autocast_dtype, cast_4bit_lora_inputs_under_autocast, run_frozen_vision_tower_in, store_frozen_matrices_in, use_fast_dropout,
+)
 from utils import distributed
 from utils.config import Config
 from utils.errors import UserInputError
@@ -286,7 +288,9 @@ def prepare_for_training(model, config: Config):
 def speed_up_training_step(model, config: Config) -> None:
     """The same step, cheaper (models/training_speed.py): fast CPU dropout masks; where the weights were loaded
     in the autocast dtype, the frozen embedding and LM-head matrices kept in it instead of fp32 copies; under
-    autocast, 4-bit LoRA layers given their input in the autocast dtype (one cast, as for a plain Linear)."""
+    autocast, 4-bit LoRA layers given their input in the autocast dtype (one cast, as for a plain Linear); under
+    bf16 autocast, the decoder's attention scores kept in bf16; on bf16 CPUs, a frozen 4-bit vision tower computing
+    in bf16 throughout."""
     device = next(model.parameters()).device.type
     dropouts = use_fast_dropout(model)
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(training_autocast(config, device))
@@ -294,9 +298,16 @@ def speed_up_training_step(model, config: Config) -> None:
     if config.quantization_bits in (4, 8) and autocast is not None and autocast == resolve_base_dtype(config, device):
         saved = store_frozen_matrices_in(model, autocast)
     cast = cast_4bit_lora_inputs_under_autocast(model) if autocast is not None else 0
+    if autocast == torch.bfloat16:  # fp16's range is not fp32's: there a masked score could overflow to -inf
+        attention_scores_in_autocast_dtype(model)
+    # As captioning on such CPUs computes it (captions_from_dequantized_base), and what the cache filling's plain copy
+    # of the tower then computes exactly, at its plain kernels' speed.
+    tower = (device == "cpu" and config.quantization_bits == 4 and autocast == torch.bfloat16
+             and run_frozen_vision_tower_in(model, autocast))
     logger.info("Training step: %d dropout layers with fast CPU masks; %.0f MB of frozen fp32 copies kept in %s instead; "
-                "%d 4-bit LoRA layers take their input in the autocast dtype",
-                dropouts, saved / 2**20, str(autocast).replace("torch.", "") if saved else "-", cast)
+                "%d 4-bit LoRA layers take their input in the autocast dtype; frozen vision tower in %s",
+                dropouts, saved / 2**20, str(autocast).replace("torch.", "") if saved else "-", cast,
+                "bf16" if tower else "unchanged")
 
 
 def captions_from_dequantized_base(config: Config, device: str) -> bool:

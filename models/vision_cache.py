@@ -53,6 +53,13 @@ def is_vision_layer(name: str) -> bool:
     return ".image_encoder." in f".{name}"
 
 
+def encoder_output_dtype(encoder: torch.nn.Module) -> torch.dtype:
+    """The dtype of the image encoder's output, which the projection after it expects: its final LayerNorm's,
+    unless the tower computes in a lower precision and hands its features on in another (`features_dtype`, set by
+    models/training_speed.py::run_frozen_vision_tower_in)."""
+    return getattr(encoder, "features_dtype", None) or encoder.vision_model.post_layernorm.weight.dtype
+
+
 def as_pixel_values(features: torch.Tensor) -> torch.Tensor:
     """Cached features (batch, tokens, width) in the form GIT's forward accepts as pixel_values."""
     return features.unsqueeze(1)
@@ -65,8 +72,7 @@ class CachedVisionFeatures(torch.nn.Module):
         super().__init__()
         self.encoder = encoder
         self.config = encoder.config
-        # The dtype the real encoder's output has, which the projection after it expects.
-        self.output_dtype = encoder.vision_model.post_layernorm.weight.dtype
+        self.output_dtype = encoder_output_dtype(encoder)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs):
         if pixel_values.shape[1] == FEATURE_CHANNELS:

@@ -23,7 +23,9 @@ from models.git_qlora import (
     describe_precision, load_base_model, load_processor, prepare_for_training, release_freed_heap, resolve_base_dtype,
     resolve_compute_dtype, resolve_device, training_autocast, wrapped_lora_layers,
 )
-from models.vision_cache import as_pixel_values, feature_shape, fill_feature_cache, plan_feature_cache, vision_from_cache
+from models.vision_cache import (
+    as_pixel_values, feature_shape, fill_feature_cache, git_model, plan_feature_cache, vision_from_cache,
+)
 from models.training_speed import last_layer_over_caption_rows
 from scripts.early_stopping import CaptionEarlyStopping
 from scripts.report import (
@@ -504,7 +506,9 @@ def prepare_feature_cache(config: Config, run_dir: Path, model, processor, split
     if not plan.use:
         return None, 0.0
     start = time.perf_counter()
-    source = f"{config.model_name}|{config.quantization_bits}|{config.bnb_4bit_quant_type}|{dtype}"
+    # What the features depend on; the tower's own dtype too (runs of an earlier version computed it in fp32).
+    tower_dtype = git_model(model).image_encoder.vision_model.post_layernorm.weight.dtype
+    source = f"{config.model_name}|{config.quantization_bits}|{config.bnb_4bit_quant_type}|{dtype}|tower {tower_dtype}"
     with distributed.local_main_first():  # one process per machine creates (or checks) the files, the others then open them
         store = FeatureStore(folder, [key for key, _, _ in sources], feature_shape(model), dtype, source,
                              verify=distributed.local_rank() == 0)

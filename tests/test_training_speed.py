@@ -282,3 +282,91 @@ def test_one_shared_cast_and_no_peft_round_trip_give_the_one_cast_per_layer_step
     assert grads and set(grads) == set(fast_grads)
     for name, grad in grads.items():
         assert torch.equal(fast_grads[name], grad), name
+
+
+def test_the_decoder_attention_mask_in_bf16_keeps_the_probabilities_loss_and_gradients(tiny_model_dir):
+    """Under bf16 autocast GIT's decoder gets its additive mask in bf16 (clamped to bf16's range, not -inf), so the
+    softmax returns bf16: against the same model with the fp32 mask, masked probabilities are exactly 0, the others
+    agree to bf16's precision, and so do the loss and the LoRA gradients. Outside autocast the mask is untouched."""
+    model, _ = _bf16_train_model(tiny_model_dir, hook=True)
+    encoder = git_model(model).encoder
+    assert len(encoder._forward_pre_hooks) == 1
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            seen.setdefault(name, []).append((args[1], output[1]))
+        return hook
+
+    layer = encoder.layer[0]
+    layer.attention.self.register_forward_hook(keep("masked"))
+    pixel_values, ids, mask, labels = _inputs(model)
+    results = []
+    for bf16_mask in (True, False):
+        if not bf16_mask:
+            saved_hooks = dict(encoder._forward_pre_hooks)
+            encoder._forward_pre_hooks.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1], use_cache=False)
+            loss = caption_loss(out.logits, labels)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    encoder._forward_pre_hooks.update(saved_hooks)
+    (fast_mask, fast_probs), (mask32, probs32) = seen["masked"]
+    assert fast_mask.dtype == torch.bfloat16 and mask32.dtype == torch.float32
+    assert torch.isfinite(fast_mask).all() and fast_mask.min() == torch.finfo(torch.bfloat16).min
+    assert torch.equal(fast_mask == 0, mask32 == 0)
+    assert fast_probs.dtype == torch.bfloat16 and probs32.dtype == torch.float32
+    masked = (mask32 != 0).expand_as(probs32)
+    assert masked.any() and (fast_probs[masked] == 0).all() and (probs32[masked] == 0).all()
+    assert torch.allclose(fast_probs.float(), probs32, atol=4e-3, rtol=1e-2)
+    (fast_loss, fast_grads), (loss, grads) = results
+    assert fast_loss == pytest.approx(loss, rel=1e-2)
+    assert grads and set(fast_grads) == set(grads)
+    for name, grad in grads.items():
+        assert (fast_grads[name] - grad).norm() <= 0.05 * grad.norm() + 1e-6, name
+    with torch.no_grad():  # outside autocast: the fp32 mask, fp32 probabilities
+        model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask, use_cache=False)
+    assert seen["masked"][-1][0].dtype == torch.float32 and seen["masked"][-1][1].dtype == torch.float32
+
+
+def _bf16_config(model_dir, **changes):
+    return Config(mode="train", model_name=str(model_dir), bnb_4bit_compute_dtype="bfloat16", **changes)
+
+
+def test_a_frozen_vision_tower_computes_as_the_dequantized_bf16_base_does(tiny_model_dir):
+    """Reference: the base loaded again and dequantized to bf16, as captioning on bf16 CPUs runs it. The training
+    tower gives its features bit for bit (handed on in fp32), under autocast and without; so does the plain copy
+    that fills the feature cache, and cached features are handed on as the live tower's are."""
+    from models.caption_speed import fast_vision_tower_for_filling
+    from models.vision_cache import CachedVisionFeatures, as_pixel_values, encode_images
+
+    config = _bf16_config(tiny_model_dir)
+    model = prepare_for_training(load_base_model(config, "cpu"), config)
+    tower = git_model(model).image_encoder
+    assert {p.dtype for p in tower.parameters() if p.dtype.is_floating_point} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in tower.parameters())
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(4))
+    reference_model = load_base_model(config, "cpu").dequantize(dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        reference = reference_model.git.image_encoder(pixels.to(torch.bfloat16)).last_hidden_state
+    live = encode_images(model, pixels, torch.bfloat16)
+    assert live.dtype == torch.float32  # what the projection after the tower was given before
+    assert torch.equal(live, reference.float())
+    assert torch.equal(encode_images(model, pixels, None), live)  # no autocast: the same bf16 arithmetic
+    with fast_vision_tower_for_filling(model, "off", "auto", "cpu", 5, 4, torch.bfloat16):
+        assert git_model(model).image_encoder is not tower
+        assert torch.equal(encode_images(model, pixels, torch.bfloat16).float(), live)
+    cached = CachedVisionFeatures(tower)(as_pixel_values(live.to(torch.bfloat16))).last_hidden_state
+    assert cached.dtype == torch.float32 and torch.equal(cached, live)
+
+
+def test_a_vision_tower_with_lora_keeps_its_fp32_layers(tiny_model_dir):
+    config = _bf16_config(tiny_model_dir, lora_target_modules=("query", "q_proj"))
+    model = prepare_for_training(load_base_model(config, "cpu"), config)
+    tower = git_model(model).image_encoder
+    assert any(p.requires_grad for p in tower.parameters())
+    assert tower.vision_model.post_layernorm.weight.dtype == torch.float32 and not hasattr(tower, "features_dtype")
+    assert not tower._forward_pre_hooks and not tower._forward_hooks
