@@ -122,3 +122,30 @@ def test_a_folder_run_trains_without_importing_datasets_and_a_dataset_run_still_
            "--max_new_tokens", "4", "--max_steps", "1"]
     run = subprocess.run([sys.executable, "-c", code, json.dumps(hub)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert run.stdout.split()[-2:] == ["0", "True"], run.stderr[-3000:]
+
+
+def test_the_modes_imports_run_without_full_garbage_collections_and_their_objects_are_frozen(train_cmd, tmp_path):
+    """In a fresh process: no full collection while the mode imports torch, transformers and PEFT; then what the
+    imports made is frozen (out of every later collection) and the collector is on; after main, both undone."""
+    import json
+
+    code = (
+        "import gc, json, sys, git_qlora_main\n"
+        "full, seen = [], {}\n"
+        "gc.callbacks.append(lambda phase, info: full.append(1) if phase == 'start' and info['generation'] == 2 else None)\n"
+        "original = git_qlora_main.imported_without_garbage_collection\n"
+        "def check():\n"
+        "    seen.update(full=len(full), imported=all(m in sys.modules for m in ('torch', 'transformers', 'peft')))\n"
+        "    original()\n"
+        "    seen.update(frozen=gc.get_freeze_count(), enabled=gc.isenabled())\n"
+        "    raise KeyboardInterrupt  # the mode itself need not run\n"
+        "git_qlora_main.imported_without_garbage_collection = check\n"
+        "rc = git_qlora_main.main(json.loads(sys.argv[1]))\n"
+        "print(json.dumps({**seen, 'rc': rc, 'enabled_after': gc.isenabled(), 'frozen_after': gc.get_freeze_count()}))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, json.dumps(train_cmd(tmp_path, "gc"))], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300, env={**os.environ, "GIT_QLORA_HUGE_PAGES": "0"})
+    seen = json.loads(run.stdout.splitlines()[-1])
+    assert seen["imported"] and seen["full"] == 0, seen  # 8-11 full collections with the collector on
+    assert seen["frozen"] > 100_000 and seen["enabled"], seen
+    assert seen["rc"] == 130 and seen["enabled_after"] and seen["frozen_after"] == 0, seen

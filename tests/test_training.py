@@ -335,3 +335,20 @@ def test_trainer_loss_over_caption_logits_equals_the_models_own_loss(tiny_model_
     assert outputs.logits.shape[1] == batch["input_ids"].shape[1] < full.logits.shape[1]
     tokens = int((batch["labels"][:, 1:] != -100).sum())
     assert summed.item() == pytest.approx(full.loss.item() * tokens / 7, rel=1e-5)
+
+
+def test_the_seed_decides_the_adapter_whatever_ran_before(tmp_path, train_cmd):
+    """--seed decides LoRA's initial weights too (PEFT draws them from torch's generator, whose start seed is
+    random per process): two runs with one seed, the generator disturbed in between, write the same adapter;
+    another seed, another."""
+    from safetensors.torch import load_file
+
+    def adapter(run: str, *extra: str) -> dict:
+        torch.manual_seed(len(run))  # whatever the process did before
+        torch.rand(7)
+        assert main(train_cmd(tmp_path, run, "--max_steps", "2", "--cache_image_features", "off", *extra)) == 0
+        return load_file(tmp_path / run / "final_model" / "adapter_model.safetensors")
+
+    first, again, other = adapter("s1"), adapter("s2again"), adapter("s3", "--seed", "7")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)

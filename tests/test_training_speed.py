@@ -370,3 +370,16 @@ def test_a_vision_tower_with_lora_keeps_its_fp32_layers(tiny_model_dir):
     assert any(p.requires_grad for p in tower.parameters())
     assert tower.vision_model.post_layernorm.weight.dtype == torch.float32 and not hasattr(tower, "features_dtype")
     assert not tower._forward_pre_hooks and not tower._forward_hooks
+
+
+def test_the_trainers_flos_count_is_the_stock_count(tiny_model_dir, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from scripts.trainer import CaptionTrainer
+
+    model = _train_model(tiny_model_dir)
+    trainer = CaptionTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    for text in (7, 11):  # the second from the parameter count kept by the first
+        inputs = dict(zip(("pixel_values", "input_ids", "attention_mask", "labels"), _inputs(model, text=text)))
+        assert trainer.floating_point_ops(inputs) == Trainer.floating_point_ops(trainer, inputs) > 0
+    assert trainer.floating_point_ops({"pixel_values": inputs["pixel_values"]}) == 0
