@@ -305,9 +305,9 @@ def speed_up_training_step(model, config: Config) -> None:
     tower = (device == "cpu" and config.quantization_bits == 4 and autocast == torch.bfloat16
              and run_frozen_vision_tower_in(model, autocast))
     logger.info("Training step: %d dropout layers with fast CPU masks; %.0f MB of frozen fp32 copies kept in %s instead; "
-                "%d 4-bit LoRA layers take their input in the autocast dtype; frozen vision tower in %s",
+                "%d 4-bit LoRA layers take their input in the autocast dtype; frozen vision tower: %s",
                 dropouts, saved / 2**20, str(autocast).replace("torch.", "") if saved else "-", cast,
-                "bf16" if tower else "unchanged")
+                "bf16 throughout" if tower else "as prepared")
 
 
 def captions_from_dequantized_base(config: Config, device: str) -> bool:
