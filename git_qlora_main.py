@@ -276,7 +276,10 @@ def run_mode(config: Config) -> int:
     elif config.mode == "eval":
         from scripts.evaluate import run_evaluation as run
     else:
-        import scripts.evaluate, scripts.inference, scripts.trainer  # noqa: F401,E401 - the demo's stages, imported here (see below)
+        # The demo's stages, imported here with the rest (see below) rather than between its stages.
+        import scripts.evaluate  # noqa: F401
+        import scripts.inference  # noqa: F401
+        import scripts.trainer  # noqa: F401
         from scripts.demo import run_demo as run
     imported_without_garbage_collection()
     return run(config)
@@ -287,7 +290,7 @@ def imported_without_garbage_collection() -> None:
     collection, and the collector is on again.
 
     Importing torch, transformers, PEFT and bitsandbytes makes ~590,000 objects that live as long as the process;
-    with the collector on, Python ran 8-11 full collections over them while importing (1.5-2 s of the ~9 s,
+    with the collector on, Python ran 8-11 full collections over them while importing (1.6-2.2 s of the ~9 s,
     measured in alternating runs), and each full collection later, such as the one the Trainer runs before
     training (Accelerate's free_memory), took 0.35 s. gc.freeze moves them to a generation no collection visits;
     objects are still freed when their last reference goes, only cycles among them wait for main's unfreeze."""

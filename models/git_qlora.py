@@ -13,7 +13,8 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig
 
 from models.training_speed import (
-    attention_scores_in_autocast_dtype, cast_4bit_lora_inputs_under_autocast, run_frozen_vision_tower_in, store_frozen_matrices_in, use_fast_dropout,
+    attention_scores_in_autocast_dtype, cast_4bit_lora_inputs_under_autocast, run_frozen_vision_tower_in,
+    store_frozen_matrices_in, use_fast_dropout,
 )
 from utils import distributed
 from utils.config import Config

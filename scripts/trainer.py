@@ -577,8 +577,8 @@ def _train(config: Config, trackers: TrackerRuns) -> int:
         distributed.on_main_process(start_meteor, config.java)
     processor = load_processor(config.model_name, config.trust_remote_code)
     base = load_base_model(config, device)
-    # PEFT draws LoRA's initial A matrices from torch's generator, whose start seed differs from process to process
-    # here (something among the imports reseeds it from the OS): --seed decides them, as it decides the rest.
+    # PEFT draws LoRA's initial A matrices from torch's generator, which starts from a fresh seed in every process
+    # (torch 2.14: `python -c "import torch; print(torch.initial_seed())"` differs run to run): --seed decides them.
     set_seed(config.seed)
     model = prepare_for_training(base, config)
     truncated = warn_truncated_captions(processor, splits.train, config.max_length)
