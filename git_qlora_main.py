@@ -312,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     finally:
         gc.unfreeze()  # for callers that run several commands in one process (tests): their objects collectable again
-        gc.enable() if collecting else gc.disable()
+        if collecting:
+            gc.enable()
+        else:
+            gc.disable()
 
 
 def _main(argv: list[str] | None) -> int:

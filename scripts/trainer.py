@@ -278,6 +278,7 @@ class CaptionTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.caption_scorer = caption_scorer
         self.val_captions: dict[int, dict[str, str]] = {}  # step -> captions, the best and the latest evaluation's
+        self._flos_parameters: int | None = None  # floating_point_ops' parameter count, taken at its first call
 
     def floating_point_ops(self, inputs) -> int:
         """The stock count (6 x input tokens x non-embedding parameters, for the log's total_flos), with the
@@ -286,7 +287,7 @@ class CaptionTrainer(Trainer):
         main_input = getattr(self.model, "main_input_name", "input_ids")
         if main_input not in inputs or not hasattr(self.model, "num_parameters"):
             return 0
-        if getattr(self, "_flos_parameters", None) is None:
+        if self._flos_parameters is None:
             self._flos_parameters = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs[main_input].numel() * self._flos_parameters
 
