@@ -149,3 +149,19 @@ def test_the_modes_imports_run_without_full_garbage_collections_and_their_object
     assert seen["imported"] and seen["full"] == 0, seen  # 8-11 full collections with the collector on
     assert seen["frozen"] > 100_000 and seen["enabled"], seen
     assert seen["rc"] == 130 and seen["enabled_after"] and seen["frozen_after"] == 0, seen
+
+
+def test_the_script_leaves_the_imports_frozen_until_the_process_ends(trained_run, data_dir):
+    """Run as a program, the imports' objects stay frozen after the command (atexit sees them frozen), so the
+    interpreter's collections at exit skip them; main called in-process unfreezes them (the test above)."""
+    image = next((data_dir / "test").glob("*.png"))
+    code = ("import atexit, gc, runpy, sys\n"
+            "atexit.register(lambda: print('frozen at exit', gc.get_freeze_count(), flush=True))\n"
+            "sys.argv = ['git_qlora_main.py', *sys.argv[1:]]\n"
+            "runpy.run_path('git_qlora_main.py', run_name='__main__')\n")
+    args = ["--inference", "--test_image", str(image), "--output_dir", str(trained_run), "--max_new_tokens", "4"]
+    run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "GIT_QLORA_HUGE_PAGES": "0"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    frozen = int(run.stdout.split("frozen at exit")[-1].split()[0])
+    assert frozen > 100_000, run.stdout[-2000:]
