@@ -180,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_config(args: argparse.Namespace) -> Config:
+    return validate(unchecked_config(args))
+
+
+def unchecked_config(args: argparse.Namespace) -> Config:
+    """The parsed flags as a Config, normalised ("none", comma lists, mode defaults) but not yet validated."""
     values = {k: v for k, v in vars(args).items() if k != "config"}
     for name in TUPLE_FIELDS:  # comma-separated on the command line
         if isinstance(values.get(name), str):
@@ -196,7 +201,7 @@ def build_config(args: argparse.Namespace) -> Config:
         values["output_dir"] = Path("results/demo") if args.mode == "demo" else Path("results")
     if values["model_name"] is None and args.mode == "train":
         values["model_name"] = "microsoft/git-base"
-    return validate(Config(**values))
+    return Config(**values)
 
 
 class OncePerProcess(logging.Filter):
@@ -258,7 +263,9 @@ def quiet_transformers_progress_bars() -> None:
 
 def start_slow_helpers(config: Config) -> None:
     """METEOR's Java process takes 10-30 s to start (its paraphrase table): a mode that will surely score captions
-    against references starts it now, so it loads while Python imports the mode (~8 s) and loads the model."""
+    against references starts it first thing, before validation, whose checks import torch (2-3 s), so it loads
+    while Python imports the mode (~8-10 s) and loads the model. (The demo's first scoring waited 3.4-3.6 s for
+    it when it started after torch's import.) A command that then fails validation ends it at exit."""
     if distributed.is_main_process() and (config.mode == "demo" or (config.mode == "eval" and not config.reference_free)):
         from utils.java_scorers import start_meteor
 
@@ -266,7 +273,6 @@ def start_slow_helpers(config: Config) -> None:
 
 
 def run_mode(config: Config) -> int:
-    start_slow_helpers(config)
     if config.mode == "train":
         from scripts.trainer import train as run
     elif config.mode == "inference":
@@ -337,10 +343,12 @@ def _main(argv: list[str] | None) -> int:
         if args.mode is None:
             return usage_error(parser, "one of the arguments --train --eval --inference --merge_weights --demo is required "
                                "(or `mode:` in the --config file)")
+        config = unchecked_config(args)
+        start_slow_helpers(config)  # before anything imports torch
         if args.dataset is None:  # before anything imports transformers
             leave_datasets_unloaded()
         quiet_transformers_progress_bars()
-        config = build_config(args)  # every rank validates the same flags, so all fail alike before joining
+        config = validate(config)  # every rank validates the same flags, so all fail alike before joining
         if config.mode != "demo":  # the demo's 128-wide model ran its steps 10-30% slower with it, and has no GB to return
             return_freed_memory_to_the_os()
         distributed.init_process_group()

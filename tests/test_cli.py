@@ -151,6 +151,21 @@ def test_the_modes_imports_run_without_full_garbage_collections_and_their_object
     assert seen["rc"] == 130 and seen["enabled_after"] and seen["frozen_after"] == 0, seen
 
 
+def test_meteor_starts_before_anything_imports_torch(tmp_path):
+    """METEOR's 10-30 s Java start overlaps the whole import of the stack: the command starts it before its
+    validation or logging set-up import torch (which would take 2-3 s first)."""
+    code = ("import sys, git_qlora_main, utils.java_scorers as java\n"
+            "def start(java_path):\n"
+            "    print('torch imported:', 'torch' in sys.modules, 'java:', java_path, flush=True)\n"
+            "    raise KeyboardInterrupt  # the command itself need not run\n"
+            "java.start_meteor = start\n"
+            "print('rc', git_qlora_main.main(sys.argv[1:]))\n")
+    run = subprocess.run([sys.executable, "-c", code, "--eval", "--model_name", str(tmp_path), "--test_dir", str(tmp_path),
+                          "--captions_file", str(tmp_path / "captions.csv"), "--output_dir", str(tmp_path / "out")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "GIT_QLORA_HUGE_PAGES": "0"})
+    assert "torch imported: False java: java" in run.stdout and "rc 130" in run.stdout, run.stdout + run.stderr[-2000:]
+
+
 def test_the_script_leaves_the_imports_frozen_until_the_process_ends(trained_run, data_dir):
     """Run as a program, the imports' objects stay frozen after the command (atexit sees them frozen), so the
     interpreter's collections at exit skip them; main called in-process unfreezes them (the test above)."""
