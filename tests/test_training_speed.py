@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from models.git_qlora import load_base_model, prepare_for_training
+from models.git_qlora import has_native_bf16, load_base_model, prepare_for_training
 from peft.tuners.lora import LoraLayer
 
 from models.training_speed import (
@@ -284,6 +284,8 @@ def test_one_shared_cast_and_no_peft_round_trip_give_the_one_cast_per_layer_step
         assert torch.equal(fast_grads[name], grad), name
 
 
+@pytest.mark.skipif(not has_native_bf16("cpu"), reason="bf16 autocast (and with it the bf16 mask) is for CPUs with "
+                    "native bf16; elsewhere training runs without autocast")
 def test_the_decoder_attention_mask_in_bf16_keeps_the_probabilities_loss_and_gradients(tiny_model_dir):
     """Under bf16 autocast GIT's decoder gets its additive mask in bf16 (clamped to bf16's range, not -inf), so the
     softmax returns bf16: against the same model with the fp32 mask, masked probabilities are exactly 0, the others
@@ -335,6 +337,8 @@ def _bf16_config(model_dir, **changes):
     return Config(mode="train", model_name=str(model_dir), bnb_4bit_compute_dtype="bfloat16", **changes)
 
 
+@pytest.mark.skipif(not has_native_bf16("cpu"), reason="the bf16 tower is for CPUs with native bf16; elsewhere training "
+                    "runs without autocast and the tower stays as prepare_model_for_kbit_training leaves it")
 def test_a_frozen_vision_tower_computes_as_the_dequantized_bf16_base_does(tiny_model_dir):
     """Reference: the base loaded again and dequantized to bf16, as captioning on bf16 CPUs runs it. The training
     tower gives its features bit for bit (handed on in fp32), under autocast and without; so does the plain copy
