@@ -327,16 +327,45 @@ def _compile_decoding(model, batch_size: int, tokens: int, key: str) -> str:
     if hasattr(peft_model, "merge_adapter"):
         # A PeftModel: LoRA folded into the (now plain) base weights once, not two more products per layer and
         # token (the compiled adapter step was 0.74x the merged one). --merge_weights' arithmetic, in memory.
-        try:
-            peft_model.merge_adapter()
+        unfolded = fold_lora_layers(peft_model)
+        if unfolded:  # e.g. a LoRA over an int8 vision layer: that layer keeps its LoRA
+            logger.info("%d adapter layers stay unfolded (%s); they add their LoRA products as before.",
+                        len(unfolded), unfolded[0])
+        else:
             folded = " (adapter folded into the weights)"
-        except Exception as error:  # noqa: BLE001 - e.g. a LoRA over an int8 vision layer: that layer keeps its LoRA
-            logger.info("Some adapter layers stay unfolded (%s); they add their LoRA products as before.", error)
     capacity = lm.git.encoder.layer[0].attention.self.image_patch_tokens + tokens
     set_fast_decoding(lm, FastDecoding(batch_size, capacity,
                                        CompiledPart(Prefill(lm), "the decoder's prefill", f"{key}-prefill"),
                                        CompiledPart(DecodeStep(lm), "the decoder's step", f"{key}-step")))
     return f"compiled decoder, {tokens} tokens{folded}"
+
+
+def fold_lora_layers(model: torch.nn.Module) -> list[str]:
+    """Every LoRA layer's product added into its base weights, in place; what could not be folded, as
+    "name: why". PEFT merges each layer by its own class, except a 4-bit layer's wrapper whose base
+    dequantize_4bit_layers made plain: PEFT's 4-bit merge needs the quantized weight (and would quantize the sum
+    back to 4 bits), so there the sum is done as its plain lora.Linear does it, in the plain weight's dtype."""
+    from peft.tuners.lora import LoraLayer
+
+    unfolded = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer) or layer.merged:
+            continue
+        base = layer.get_base_layer()
+        adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+        try:
+            if type(base) is torch.nn.Linear and type(layer).__name__ == "Linear4bit":
+                if any(a in getattr(layer, "lora_variant", {}) for a in adapters):  # DoRA and the like
+                    raise ValueError("a LoRA variant over a dequantized 4-bit layer")
+                with torch.no_grad():
+                    for adapter in adapters:
+                        base.weight += layer.get_delta_weight(adapter).to(base.weight.dtype)
+                        layer.merged_adapters.append(adapter)
+            else:
+                layer.merge(adapter_names=adapters)
+        except Exception as error:  # noqa: BLE001 - the layer keeps its LoRA products, the captions stay right
+            unfolded.append(f"{name}: {error}")
+    return unfolded
 
 
 def speed_up_vision_tower(model, compile_setting: str, precision: str, device: str, images: int, batch_size: int,

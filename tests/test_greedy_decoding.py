@@ -157,3 +157,26 @@ def test_inference_compile_on_folds_the_adapter_and_keeps_the_captions(trained_r
     eager, compiled = read(tmp_path / "eager.csv"), read(tmp_path / "compiled.csv")
     # The adapter folded into the bf16 base rounds differently from adding its products: nearly all the same.
     assert len(eager) == 9 and sum(a == b for a, b in zip(eager, compiled)) >= 8
+
+
+def test_lora_over_dequantized_4bit_layers_folds_to_the_adapters_own_outputs(tiny_model_dir):
+    """A 4-bit base with LoRA (as --inference loads a run where bf16 is not native), its 4-bit layers made plain:
+    PEFT's 4-bit merge cannot fold those, fold_lora_layers does, and the folded model gives the logits the
+    adapter's own products gave (fp32: equal to rounding)."""
+    from models.git_qlora import load_base_model
+    from utils.config import Config
+
+    base = load_base_model(Config(mode="inference", model_name=str(tiny_model_dir), bnb_4bit_compute_dtype="float32"), "cpu")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False)).eval()
+    caption_speed.dequantize_4bit_layers(model, torch.float32)
+    pixels, ids = _pixels(model, 3), torch.tensor([[1, 5, 6, 7]] * 3)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels, input_ids=ids).logits
+        assert caption_speed.fold_lora_layers(model) == []
+        layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+        assert layers and all(m.merged for m in layers)
+        for layer in layers:  # the sum now lives in the plain weights: LoRA's own matrices no longer count
+            for lora_b in layer.lora_B.values():
+                lora_b.weight.zero_()
+        folded = model(pixel_values=pixels, input_ids=ids).logits
+    assert torch.allclose(folded, expected, atol=1e-4, rtol=1e-4)
