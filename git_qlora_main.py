@@ -315,7 +315,7 @@ def usage_error(parser: argparse.ArgumentParser, message: str) -> int:
 def main(argv: list[str] | None = None, *, process_exits_after: bool = False) -> int:
     """Run one command; its exit code. process_exits_after (the script's own entry point): what the imports
     froze stays frozen until the interpreter ends, whose collections at exit then skip it; unfrozen, they walked
-    the ~590,000 objects again and again and the exit took 3.1-4.1 s instead of 0.7-1.0 s (measured in
+    the ~590,000 objects again and again and the exit took 3.0-4.1 s instead of 0.7-1.0 s (measured in
     alternating processes). In-process callers (tests, benchmarks) get the collector back as they had it."""
     collecting = gc.isenabled()
     gc.disable()  # until the mode's imports are done: run_mode, imported_without_garbage_collection
