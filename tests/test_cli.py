@@ -168,7 +168,8 @@ def test_meteor_starts_before_anything_imports_torch(tmp_path):
 
 def test_the_script_leaves_the_imports_frozen_until_the_process_ends(trained_run, data_dir):
     """Run as a program, the imports' objects stay frozen after the command (atexit sees them frozen), so the
-    interpreter's collections at exit skip them; main called in-process unfreezes them (the test above)."""
+    interpreter's collections at exit skip them; main called in-process unfreezes them
+    (test_the_modes_imports_run_without_full_garbage_collections_and_their_objects_are_frozen)."""
     image = next((data_dir / "test").glob("*.png"))
     code = ("import atexit, gc, runpy, sys\n"
             "atexit.register(lambda: print('frozen at exit', gc.get_freeze_count(), flush=True))\n"
