@@ -342,9 +342,10 @@ def _compile_decoding(model, batch_size: int, tokens: int, key: str) -> str:
 
 def fold_lora_layers(model: torch.nn.Module) -> list[str]:
     """Every LoRA layer's product added into its base weights, in place; what could not be folded, as
-    "name: why". PEFT merges each layer by its own class, except a 4-bit layer's wrapper whose base
+    "name: why". PEFT merges each layer by its own class, except a quantized layer's wrapper whose base
     dequantize_4bit_layers made plain: PEFT's 4-bit merge needs the quantized weight (and would quantize the sum
     back to 4 bits), so there the sum is done as its plain lora.Linear does it, in the plain weight's dtype."""
+    from peft.tuners.lora import Linear as PlainLoraLinear
     from peft.tuners.lora import LoraLayer
 
     unfolded = []
@@ -354,7 +355,7 @@ def fold_lora_layers(model: torch.nn.Module) -> list[str]:
         base = layer.get_base_layer()
         adapters = [a for a in layer.active_adapters if a in layer.lora_A]
         try:
-            if type(base) is torch.nn.Linear and type(layer).__name__ == "Linear4bit":
+            if type(base) is torch.nn.Linear and not isinstance(layer, PlainLoraLinear):
                 if any(a in getattr(layer, "lora_variant", {}) for a in adapters):  # DoRA and the like
                     raise ValueError("a LoRA variant over a dequantized 4-bit layer")
                 with torch.no_grad():

@@ -8,7 +8,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 if "torch" not in sys.modules:  # only takes effect before torch (and its OpenMP runtime) loads
@@ -81,15 +81,12 @@ class DemoPlan:
         def shrink(n: int, least: int) -> int:
             return max(least, round(n * scale))
 
-        pretrain = PretrainSettings(**{**asdict(self.pretrain), "steps": shrink(self.pretrain.steps, 20),
-                                       "warmup_steps": shrink(self.pretrain.warmup_steps, 2)})
-        return DemoPlan(
-            train_images=shrink(self.train_images, 8), test_images=shrink(self.test_images, 4),
-            image_size=self.image_size, initializer_range=self.initializer_range, dropout=self.dropout,
+        pretrain = replace(self.pretrain, steps=shrink(self.pretrain.steps, 20),
+                           warmup_steps=shrink(self.pretrain.warmup_steps, 2))
+        return replace(
+            self, train_images=shrink(self.train_images, 8), test_images=shrink(self.test_images, 4),
             pretrain_images=shrink(self.pretrain_images, 32), pretrain=pretrain,
-            train_steps=shrink(self.train_steps, 4), batch_size=self.batch_size, learning_rate=self.learning_rate,
-            hub_train_steps=shrink(self.hub_train_steps, 4), hub_batch_size=self.hub_batch_size,
-            hub_learning_rate=self.hub_learning_rate, lora_r=self.lora_r, lora_alpha=self.lora_alpha, max_new_tokens=self.max_new_tokens,
+            train_steps=shrink(self.train_steps, 4), hub_train_steps=shrink(self.hub_train_steps, 4),
         )
 
     def qlora_schedule(self, hub_model: bool) -> tuple[int, int, float]:
