@@ -41,7 +41,7 @@ def time_steps(model, optimizer, steps: int, batch: int = 4, text: int = 24) -> 
 
     from models.training_speed import last_layer_over_caption_rows
     from models.vision_cache import as_pixel_values, feature_shape, vision_from_cache
-    from scripts.trainer import caption_loss
+    from scripts.caption_trainer import caption_loss
 
     tokens, width = feature_shape(model)
     torch.manual_seed(0)
@@ -52,7 +52,7 @@ def time_steps(model, optimizer, steps: int, batch: int = 4, text: int = 24) -> 
     with vision_from_cache(model):
         for _ in range(steps + 2):
             start = time.perf_counter()
-            # The Trainer's loss (scripts/trainer.py CaptionTrainer.compute_loss): caption logits only.
+            # The Trainer's loss (scripts/caption_trainer.py CaptionTrainer.compute_loss): caption logits only.
             with torch.autocast("cpu", dtype=torch.bfloat16), last_layer_over_caption_rows(model, text):
                 logits = model(pixel_values=features, input_ids=ids, attention_mask=torch.ones_like(ids),
                                logits_to_keep=text, use_cache=False).logits

@@ -391,7 +391,8 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from git_qlora_main import build_config, build_parser
 from models.git_qlora import load_base_model, load_processor, prepare_for_training
-from scripts.trainer import build_trainer, load_splits
+from scripts.trainer import build_trainer
+from scripts.training_data import load_splits
 
 shards, model_dir, out = sys.argv[2:5]
 rank = int(os.environ["RANK"])

@@ -320,7 +320,7 @@ def test_generation_length_defaults_to_the_training_length():
 def test_trainer_loss_over_caption_logits_equals_the_models_own_loss(tiny_model_dir, data_dir, tmp_path):
     """The Trainer computes logits for the caption positions only; the loss must be GIT's own, which a
     test above checks against a hand-computed cross-entropy."""
-    from scripts.trainer import CaptionTrainer
+    from scripts.caption_trainer import CaptionTrainer
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     config = _config(tiny_model_dir, bnb_4bit_compute_dtype="float32")

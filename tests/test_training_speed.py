@@ -12,7 +12,7 @@ from models.training_speed import (
     FastDropout, cast_4bit_lora_inputs_under_autocast, last_layer_over_caption_rows, store_frozen_matrices_in, use_fast_dropout,
 )
 from models.vision_cache import git_model
-from scripts.trainer import caption_loss
+from scripts.caption_trainer import caption_loss
 from utils.config import Config
 
 
@@ -379,7 +379,7 @@ def test_a_vision_tower_with_lora_keeps_its_fp32_layers(tiny_model_dir):
 def test_the_trainers_flos_count_is_the_stock_count(tiny_model_dir, tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from scripts.trainer import CaptionTrainer
+    from scripts.caption_trainer import CaptionTrainer
 
     model = _train_model(tiny_model_dir)
     trainer = CaptionTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))

@@ -87,17 +87,17 @@ def test_data_loader_keeps_the_loaders_own_init(tmp_path, monkeypatch):
 
 def test_the_trainers_loaders_are_guarded(trained_run, train_cmd, tmp_path, monkeypatch):
     """The Trainer builds its own DataLoaders (and Accelerate wraps them): both get the parent-death init."""
-    import scripts.trainer as trainer_module
+    from scripts.caption_trainer import CaptionTrainer, Trainer
 
     seen = {}
-    real = trainer_module.Trainer.train
+    real = Trainer.train
 
     def capture(self, *args, **kwargs):
         seen["train"] = self.get_train_dataloader()
         seen["eval"] = self.get_eval_dataloader()
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module.CaptionTrainer, "train", capture)
+    monkeypatch.setattr(CaptionTrainer, "train", capture)
     from git_qlora_main import main
 
     assert main(train_cmd(tmp_path, "w", "--max_steps", "1", "--num_workers", "1", "--cache_image_features", "off")) == 0
