@@ -178,7 +178,7 @@ def build_training_args(config: Config, run_dir: Path, has_val: bool, device: st
         remove_unused_columns=False,  # the collator builds GIT's inputs from images and captions
         dataloader_num_workers=config.num_workers,
         use_cpu=device == "cpu",
-        disable_tqdm=not sys.stderr.isatty(),  # in a log file, the step lines below say how far it got
+        disable_tqdm=not sys.stderr.isatty(),  # in a log file, LogToLogging's step lines say how far it got
         bf16=autocast == "bf16",
         fp16=autocast == "fp16",  # autocast plus the Trainer's loss scaling
         # Several processes: DDP over the LoRA weights, every one of which gets a gradient each step.
