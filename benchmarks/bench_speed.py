@@ -165,14 +165,21 @@ def test_names(out: Path) -> list[str]:
 
 
 def eager_ceiling(out: Path, args) -> dict:
-    """Bare transformers generate with the merged weights in bf16 at batch 8: the eager ceiling (no project code)."""
+    """Bare transformers generate with the merged weights at batch 8: the eager ceiling (no project code). In bf16
+    where the device has it natively (issue 18's ceiling; fp16 on GPUs without it). A CPU without it emulates
+    bf16 at ~1/6 of fp32's rate (README "Compiled and int8 captioning"), so there the ceiling is fp32, the
+    dtype `auto` computes in."""
     import torch
     from transformers import AutoModelForCausalLM, AutoProcessor
     from PIL import Image
 
+    from models.git_qlora import half_dtype, has_native_bf16, resolve_device
+
+    device = resolve_device()
+    dtype = half_dtype(device) if has_native_bf16(device) or device == "cuda" else torch.float32
     folder = out / "runs" / "run" / "merged_model"
     processor = AutoProcessor.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     names = test_names(out)
     captions, seconds = {}, []
     for repeat in range(2):  # the first pass warms up (allocator, oneDNN primitives), the second is timed
@@ -180,14 +187,14 @@ def eager_ceiling(out: Path, args) -> dict:
         for i in range(0, len(names), CAPTION_BATCH):
             batch = names[i:i + CAPTION_BATCH]
             images = [Image.open(out / "data" / "test" / n).convert("RGB") for n in batch]
-            pixel_values = processor(images=images, return_tensors="pt").pixel_values.to(torch.bfloat16)
+            pixel_values = processor(images=images, return_tensors="pt").pixel_values.to(device, dtype)
             with torch.no_grad():
                 ids = model.generate(pixel_values=pixel_values, max_new_tokens=TOKENS, do_sample=False)
             captions.update(zip(batch, processor.batch_decode(ids, skip_special_tokens=True)))
         seconds.append(time.perf_counter() - start)
     from utils.text import tidy_caption
 
-    return {"images_per_second": len(names) / seconds[-1], "warm_up_seconds": seconds[0], "load": load(),
+    return {"images_per_second": len(names) / seconds[-1], "warm_up_seconds": seconds[0], "load": load(), "dtype": str(dtype),
             "captions": {k: tidy_caption(v) for k, v in captions.items()}}
 
 
