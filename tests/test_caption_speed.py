@@ -45,6 +45,48 @@ def test_auto_compiles_only_when_the_saving_exceeds_the_compile_time():
     assert plan_compile("on", 1, "cpu", 1e10, None, costs).use and not plan_compile("off", 10**9, "cpu", 1e10, None, costs).use
 
 
+def test_auto_compiles_the_decoder_only_where_that_saves_time():
+    costs = {"cpu": {"cold": 40.0, "warm": 8.0, "speedup": 1.25, "flops_per_second": 1e11,
+                     "decode_cold": 10.0, "decode_saved_per_token": 1e-3},
+             "cpu-fp32": {"cold": 40.0, "warm": 8.0, "speedup": 1.25, "flops_per_second": 1e11,
+                          "decode_cold": 10.0, "decode_saved_per_token": -1e-3}}
+    # bf16: 0.02 s (tower) + 20 tokens x 1e-3 s (decoder) saved per image against 40 + 10 s of compiling.
+    assert not plan_compile("auto", 1249, "cpu", 1e10, None, costs, tokens=20, dtype=torch.bfloat16).use  # 49.96 s
+    bf16 = plan_compile("auto", 1251, "cpu", 1e10, None, costs, tokens=20, dtype=torch.bfloat16)
+    assert bf16.use and bf16.decode and "on cpu (" in bf16.reason
+    # fp32, where compiling the decoder loses time: the tower alone decides (0.02 s per image against 40 s).
+    assert not plan_compile("auto", 1999, "cpu", 1e10, None, costs, tokens=20, dtype=torch.float32).use
+    fp32 = plan_compile("auto", 2001, "cpu", 1e10, None, costs, tokens=20, dtype=torch.float32)
+    assert fp32.use and not fp32.decode
+    assert "on cpu in fp32" in fp32.reason and "the decoder stays eager" in fp32.reason
+    # --compile on compiles both wherever it runs.
+    assert plan_compile("on", 1, "cpu", 1e10, None, costs, tokens=20, dtype=torch.float32).decode
+    assert not plan_compile("on", 1, "cpu", 1e10, None, costs, tokens=0, dtype=torch.float32).decode
+    assert caption_speed.costs_key("cpu", torch.float32) == "cpu-fp32"
+    assert caption_speed.costs_key("cpu", torch.bfloat16) == "cpu" and caption_speed.costs_key("cuda", torch.float32) == "cuda"
+
+
+def test_auto_on_an_fp32_tower_compiles_it_and_leaves_the_decoder_eager(tiny_model_dir, data_dir, monkeypatch):
+    from models.greedy_decoding import fast_decoding
+
+    model, processor = _tiny(tiny_model_dir)  # fp32, as on a CPU without native bf16
+    eager = _captions(model, processor, data_dir)
+    monkeypatch.setattr(caption_speed, "COMPILE_BACKEND", "eager")
+    paying = {"cold": 0.0, "warm": 0.0, "speedup": 2.0, "flops_per_second": 1.0, "decode_cold": 0.0}
+    monkeypatch.setitem(caption_speed.DEVICE_COSTS, "cpu-fp32", {**paying, "decode_saved_per_token": -1.0})
+    torch._dynamo.reset()
+    done = speed_up_vision_tower(model, "auto", "auto", "cpu", 8, 3, tokens=8)
+    assert done == "compiled vision tower, batch 3"
+    assert isinstance(model.git.image_encoder, FastVisionTower) and fast_decoding(model) is None
+    assert _captions(model, processor, data_dir) == eager
+    # Where compiling the decoder saves time, auto compiles it with the tower.
+    monkeypatch.setitem(caption_speed.DEVICE_COSTS, "cpu-fp32", {**paying, "decode_saved_per_token": 1.0})
+    model, _ = _tiny(tiny_model_dir)
+    torch._dynamo.reset()
+    assert "decoder" in speed_up_vision_tower(model, "auto", "auto", "cpu", 8, 3, tokens=8)
+    assert fast_decoding(model) is not None
+
+
 def test_vision_flops_of_git_base_match_a_hand_count():
     from transformers import GitVisionConfig
 
