@@ -108,12 +108,12 @@ def plan_compile(setting: str, images: int, device: str, flops_per_image: float,
         compile_seconds += cached_decode_seconds if cached_decode_seconds is not None else cost["decode_cold"]
     cache = "compiled before here, inductor cache warm" if cached_seconds is not None else "first compile on this machine"
     where = f"{device} in fp32" if key == "cpu-fp32" else device
-    verdict = "pays" if saved > compile_seconds else "does not pay"
-    eager_decoder = "; the decoder stays eager, compiling it does not pay there" if tokens and not decode else ""
-    return CompilePlan(saved > compile_seconds, (
-        f"--compile auto: compiling {verdict} for {images} images on {where} (saves ~{saved:.0f} s; "
-        f"compiling takes ~{compile_seconds:.0f} s, {cache}){eager_decoder if saved > compile_seconds else ''}"
-    ), decode=decode and saved > compile_seconds)
+    pays = saved > compile_seconds
+    reason = (f"--compile auto: compiling {'pays' if pays else 'does not pay'} for {images} images on {where} "
+              f"(saves ~{saved:.0f} s; compiling takes ~{compile_seconds:.0f} s, {cache})")
+    if pays and tokens and not decode:
+        reason += "; the decoder stays eager, compiling it does not pay there"
+    return CompilePlan(pays, reason, decode=decode and pays)
 
 
 def inductor_cache_dir() -> Path:
@@ -401,13 +401,14 @@ def speed_up_vision_tower(model, compile_setting: str, precision: str, device: s
     encoder, done = git.image_encoder, []
     if isinstance(encoder, FastVisionTower):
         encoder = encoder.encoder
+    dtype = encoder.vision_model.embeddings.patch_embedding.weight.dtype  # the tower's compute dtype (not 4-bit)
     if precision == "int8":
         reason = int8_unavailable(device)
         if reason:
             logger.warning("--caption_precision int8: %s; the vision tower runs in %s instead, with the same captions as without int8.",
-                           reason, str(encoder.vision_model.embeddings.patch_embedding.weight.dtype).replace("torch.", ""))
+                           reason, str(dtype).replace("torch.", ""))
         else:
-            dequantize_4bit_layers(encoder, encoder.vision_model.embeddings.patch_embedding.weight.dtype)
+            dequantize_4bit_layers(encoder, dtype)
             quantize_vision_int8(encoder)
             done.append("int8 vision tower (torchao)")
     key = compile_key(encoder, batch_size, precision, device)
@@ -415,12 +416,12 @@ def speed_up_vision_tower(model, compile_setting: str, precision: str, device: s
     decode_seconds = [cached_compile_seconds(f"{decode_key}-{part}") for part in ("prefill", "step")]
     plan = plan_compile(compile_setting, images, device, vision_flops_per_image(encoder.config), cached_compile_seconds(key),
                         tokens=tokens, cached_decode_seconds=None if None in decode_seconds else sum(decode_seconds),
-                        dtype=encoder.vision_model.embeddings.patch_embedding.weight.dtype)
+                        dtype=dtype)
     if compile_setting == "auto":
         logger.info("%s", plan.reason)
     if plan.use:
         inductor_cache_dir()
-        dequantize_4bit_layers(encoder, encoder.vision_model.embeddings.patch_embedding.weight.dtype)
+        dequantize_4bit_layers(encoder, dtype)
         git.image_encoder = FastVisionTower(encoder, batch_size, compile_graph=True, key=key)
         done.append(f"compiled vision tower, batch {batch_size}")
         if plan.decode:
