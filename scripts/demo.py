@@ -59,10 +59,14 @@ class DemoPlan:
     # same seeds BLEU-4 after 0.88-0.90 and bf16 == fp32 captions on 95-98%, where 250 steps of 16 gave 0.86-0.90
     # and 95-100% on the same host (an AVX2 CPU, bf16 emulated), in 7.1-8.1 s of steps instead of 11.3-12.5 s
     # (alternating): each step dequantizes the 4-bit base twice whatever the batch, and the model is too small
-    # for the batch to fill the cores.
+    # for the batch to fill the cores. On 4 December, on an AVX-512 BF16 host (bf16 native), over seeds 1, 2, 3, 5,
+    # 7, 11, 42, 123 at 125 steps of 32: bf16 == fp32 on 95-98.3% (mean 97.1%) and int8 == fp32 on 95-98.3% at
+    # 2.5e-3; 95-98.3% (mean 96.5%) and int8 93.3-100% at 3e-3; 90-98.3% (mean 94.6%) at 2e-3; 250 steps of 16 at
+    # 3e-3 93.3-100% (mean 97.5%). BLEU-4 after 0.87-0.93 at each. One picture is 1.7%: the rates differ by about
+    # one flip per seed, and 2.5e-3 is the one whose every run met 95% on both fast paths.
     train_steps: int = 125
     batch_size: int = 32
-    learning_rate: float = 3e-3
+    learning_rate: float = 2.5e-3
     # With --model_name (git-base-sized, meant for a GPU): not tuned, the hub is offline here; batches of 16 so
     # a modest GPU holds them.
     hub_train_steps: int = 250
