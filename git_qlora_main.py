@@ -141,7 +141,7 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--caption_tokenizer", help="how captions are tokenized for scoring: ptb (Stanford PTBTokenizer, the COCO protocol; needs Java), simple (lowercase, ASCII punctuation removed) or auto (ptb when Java runs)")
     g.add_argument("--java", help="Java executable for the PTBTokenizer and METEOR; 'none' scores without Java (simple tokenizer, no METEOR)")
     g.add_argument("--compile", help="captioning and feature caching: torch.compile the vision tower: on, off, or auto (when the job is large enough that compiling, ~40 s once per machine on a CPU, pays; the log says why). Failures fall back to eager")
-    g.add_argument("--caption_precision", help="captioning and feature caching: auto (the compute dtype --bnb_4bit_compute_dtype resolves to: bf16 where native, else fp32), bf16, fp32 (the exact path; shorthand for that --bnb_4bit_compute_dtype), or int8 (torchao int8 vision tower on top of the compute dtype; opt-in, needs torchao and VNNI on CPUs)")
+    g.add_argument("--caption_precision", help="captioning and feature caching: auto (the compute dtype --bnb_4bit_compute_dtype resolves to: bf16 where native, else fp32; for captions whose vision tower is compiled, an int8 tower on CPUs with AVX-512 VNNI and no AMX when torchao is installed), bf16, fp32 (the exact path; shorthand for that --bnb_4bit_compute_dtype), or int8 (torchao int8 vision tower on top of the compute dtype; needs torchao and VNNI on CPUs)")
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

@@ -176,7 +176,8 @@ def load_caption_model(config: Config, images: int = 0):
     model, processor, config, description = _load_model_for_captions(config.caption_config)
     share = -(-images // distributed.world_size())  # each rank captions its share
     tokens = config.generation_tokens if config.num_beams == 1 else 0  # the decoder's step compiles for greedy captions
-    faster = speed_up_vision_tower(model, config.compile, config.caption_precision, resolve_device(), share, config.batch_size, tokens)
+    faster = speed_up_vision_tower(model, config.compile, config.caption_precision, resolve_device(), share, config.batch_size, tokens,
+                                   int8_where_it_pays=True)
     return model, processor, config, f"{description}{', ' + faster if faster else ''}"
 
 

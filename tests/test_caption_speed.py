@@ -146,6 +146,34 @@ def test_int8_captions_agree_with_fp32_on_the_test_set(trained_run, data_dir, tm
     assert len(exact) == 8 and sum(int8[name] == caption for name, caption in exact.items()) >= 7
 
 
+def test_auto_captions_with_a_compiled_int8_tower_only_where_int8_pays(tiny_model_dir, data_dir, monkeypatch, caplog):
+    if caption_speed.int8_unavailable("cpu") and "torchao" in caption_speed.int8_unavailable("cpu"):
+        pytest.skip("torchao is not installed")
+    from torchao.utils import TorchAOBaseTensor
+
+    monkeypatch.setattr(caption_speed, "COMPILE_BACKEND", "eager")
+    model, processor = _tiny(tiny_model_dir)
+    exact = _captions(model, processor, data_dir)
+    hosts = {"AVX-512 VNNI, no AMX": {"avx512f", "avx512_vnni"}, "AMX": {"avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"},
+             "AVX2": {"avx2", "fma"}}
+    for host, flags in hosts.items():
+        monkeypatch.setattr(caption_speed, "cpu_flags", lambda flags=flags: flags)
+        # (precision, for captions rather than the feature cache): only auto, and only for captions, may pick int8.
+        for precision, captions in (("auto", True), ("auto", False), ("fp32", True)):
+            model, _ = _tiny(tiny_model_dir)
+            torch._dynamo.reset()
+            caplog.clear()
+            with caplog.at_level(logging.INFO):
+                done = speed_up_vision_tower(model, "on", precision, "cpu", 8, 3, tokens=8, int8_where_it_pays=captions)
+            int8 = host == "AVX-512 VNNI, no AMX" and precision == "auto" and captions
+            fc1 = model.git.image_encoder.encoder.vision_model.encoder.layers[0].mlp.fc1
+            assert ("int8 vision tower" in done) == int8 == ("compiled in int8" in caplog.text), (host, precision, captions)
+            assert isinstance(fc1.weight, TorchAOBaseTensor) == int8 and "compiled vision tower" in done
+            if int8:  # int8 activations and weights: near fp32, as --caption_precision int8 is
+                int8_captions = _captions(model, processor, data_dir)
+                assert sum(int8_captions[name] == caption for name, caption in exact.items()) >= 7
+
+
 def test_int8_without_torchao_warns_once_and_captions_as_before(tiny_model_dir, data_dir, monkeypatch, caplog):
     model, processor = _tiny(tiny_model_dir)
     eager = _captions(model, processor, data_dir)
