@@ -252,6 +252,14 @@ def fill_rate(out: Path, compile_: str, precision: str) -> dict:
     return {"images_per_second": len(names) / seconds, "first_batch_seconds": first, "load": load()}
 
 
+def compute_precision() -> str:
+    """--caption_precision naming the compute dtype auto resolves to here (bf16 where native, else fp32)."""
+    from models.git_qlora import has_native_bf16, resolve_device
+
+    device = resolve_device()
+    return "bf16" if device == "cuda" or has_native_bf16(device) else "fp32"
+
+
 def fill_row(compile_: str, precision: str):
     def run(out: Path, args) -> dict:
         import torch
@@ -279,11 +287,16 @@ FAST_PARTS = {
     "caption_merged_eager": lambda out, args: product_caption(out, True, "off", "auto"),
     "caption_merged_compiled_cold": lambda out, args: product_caption(out, True, "on", "auto"),
     "caption_merged_compiled_warm": lambda out, args: product_caption(out, True, "on", "auto"),
+    # --caption_precision auto compiles an int8 tower on some CPUs (models/caption_speed.py::int8_pays_under_auto):
+    # these rows keep the tower in the compute dtype, for comparison.
+    "caption_merged_compiled_dtype_cold": lambda out, args: product_caption(out, True, "on", compute_precision()),
+    "caption_merged_compiled_dtype_warm": lambda out, args: product_caption(out, True, "on", compute_precision()),
     "caption_merged_int8": lambda out, args: product_caption(out, True, "off", "int8"),
     "caption_merged_int8_compiled": lambda out, args: product_caption(out, True, "on", "int8"),
     "caption_adapter_eager": lambda out, args: product_caption(out, False, "off", "auto"),
     "caption_adapter_compiled_cold": lambda out, args: product_caption(out, False, "on", "auto"),
     "caption_adapter_compiled_warm": lambda out, args: product_caption(out, False, "on", "auto"),
+    "caption_adapter_compiled_dtype_warm": lambda out, args: product_caption(out, False, "on", compute_precision()),
     "fill_fp32": lambda out, args: fill_rate(out, "off", "fp32"),
     "fill_eager": fill_row("off", "auto"),
     "fill_compiled": fill_row("on", "auto"),
@@ -310,10 +323,8 @@ def summarise_fast(results: dict) -> dict:
             rows[name] = {"images_per_second": round(row["images_per_second"], 2), "load": row.get("load"),
                           "vs_fill_eager": round(row["images_per_second"] / results["fill_eager"]["images_per_second"], 3),
                           "relative_error_vs_fp32": row.get("relative_error_vs_fp32")}
-    rows["compile_seconds"] = {f"{name}_first_batch": results[name]["first_batch_seconds"] for name in
-                               ("caption_merged_compiled_cold", "caption_merged_compiled_warm", "caption_merged_eager",
-                                "caption_adapter_compiled_cold", "caption_adapter_compiled_warm", "caption_adapter_eager")
-                               if name in results}
+    rows["compile_seconds"] = {f"{name}_first_batch": row["first_batch_seconds"] for name, row in results.items()
+                               if name.startswith("caption_") and isinstance(row, dict) and "first_batch_seconds" in row}
     return rows
 
 
