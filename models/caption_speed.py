@@ -183,8 +183,9 @@ def int8_pays_under_auto(device: str) -> bool:
     took 0.61-0.64 s a batch against 0.77-0.81 s in bf16, and compiled merged captioning ran at 1.31-1.52x the
     eager ceiling over three runs against 1.19-1.31x in bf16, with captions equal to the fp32 path's as often as
     bf16's are (the demo's 60 test pictures over eight seeds: 95-98.3% either way; 300 fresh pictures over three
-    seeds: 96-99%, bf16 96.3-99%). Uncompiled, int8 is slower than bf16 (0.76-0.95x). With AMX, bf16 compiled was the faster (2 December: 7.56 against 6.85 images/s);
-    AVX-VNNI without AVX-512 and GPUs are not measured, so they keep the compute dtype."""
+    seeds: 96-99%, bf16 96.3-99%). Uncompiled, int8 is slower than bf16 (0.76-0.95x). With AMX, bf16 compiled
+    was the faster (2 December: 7.56 against 6.85 images/s); AVX-VNNI without AVX-512 and GPUs are not measured,
+    so they keep the compute dtype."""
     flags = cpu_flags()
     return (device == "cpu" and "avx512_vnni" in flags and not flags & {"amx_bf16", "amx_tile", "amx_int8"}
             and int8_unavailable(device) is None)
