@@ -7,7 +7,7 @@ merged model and test pictures bench_speed.py built and trained (git-base-sized 
 benchmark's 20 new tokens at most (its captions end where the model says EOS, as in the benchmark):
   eager ceiling  greedy `model.generate` of transformers, as bench_speed.py's eager ceiling row runs it;
   this project   models/greedy_decoding.py's greedy_caption_ids, as --inference runs it; split into the vision
-                 tower, the decoder's prefill (image tokens and BOS) and its one-token steps.
+                 tower and the decoder (its prefill over the image tokens and BOS, and its one-token steps).
 The counts do not depend on the dtype, so they are taken in fp32. In the same process, a bare bf16 (or, where bf16
 is not native, fp32) `linear` of the vision tower's MLP shape gives this host's matrix rate; at that rate the
 project's products take the "floor" seconds per batch, and the eager ceiling's measured seconds per batch (from
@@ -25,15 +25,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-BATCH, TOKENS = 8, 20  # bench_speed.py's CAPTION_BATCH and TOKENS
+from bench_speed import CAPTION_BATCH as BATCH, TOKENS  # noqa: E402 - the benchmark this one explains
 
 
-def count(call) -> int:
+def count(call) -> tuple[int, object]:
+    """(matrix FLOPs of call(), its result)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        call()
-    return counter.get_total_flops()
+        value = call()
+    return counter.get_total_flops(), value
 
 
 def matrix_rate(dtype, rounds: int = 20) -> float:
@@ -62,15 +63,11 @@ def caption_flops(out: Path) -> dict:
     images = [Image.open(out / "data" / "test" / name).convert("RGB") for name in names]
     pixels = AutoProcessor.from_pretrained(merged)(images=images, return_tensors="pt").pixel_values
     with torch.no_grad():
-        ids = greedy_caption_ids(model, pixels, TOKENS)
-        result = {
-            "tokens_generated": ids.shape[1] - 1,
-            "generate": count(lambda: model.generate(pixel_values=pixels, max_new_tokens=TOKENS, do_sample=False)),
-            "project": count(lambda: greedy_caption_ids(model, pixels, TOKENS)),
-            "tower": count(lambda: model.git.image_encoder(pixels)),
-        }
-    result["decoder"] = result["project"] - result["tower"]
-    return result
+        project, ids = count(lambda: greedy_caption_ids(model, pixels, TOKENS))
+        generate, _ = count(lambda: model.generate(pixel_values=pixels, max_new_tokens=TOKENS, do_sample=False))
+        tower, _ = count(lambda: model.git.image_encoder(pixels))
+    return {"tokens_generated": ids.shape[1] - 1, "generate": generate, "project": project, "tower": tower,
+            "decoder": project - tower}
 
 
 def main() -> int:

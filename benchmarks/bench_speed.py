@@ -253,11 +253,15 @@ def fill_rate(out: Path, compile_: str, precision: str) -> dict:
 
 
 def compute_precision() -> str:
-    """--caption_precision naming the compute dtype auto resolves to here (bf16 where native, else fp32)."""
-    from models.git_qlora import has_native_bf16, resolve_device
+    """--caption_precision naming the compute dtype auto resolves to here (bf16 where native, else fp32; auto
+    itself for fp16 GPUs, where auto never takes int8)."""
+    import torch
 
-    device = resolve_device()
-    return "bf16" if device == "cuda" or has_native_bf16(device) else "fp32"
+    from models.git_qlora import resolve_compute_dtype, resolve_device
+    from utils.config import Config
+
+    dtype = resolve_compute_dtype(Config(mode="inference"), resolve_device())
+    return {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, "auto")
 
 
 def fill_row(compile_: str, precision: str):
