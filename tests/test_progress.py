@@ -48,6 +48,11 @@ def test_quick_work_logs_the_quarters_only():
     assert lines[-1][2] == "Caching image features: 100/100 images (100%), 10 images/s, done in 10 s"
 
 
+def test_fast_work_states_its_rate_without_an_exponent():
+    lines = _run(100, seconds_per_item=0.0008)  # 1,250 images/s: the tiny test models fill caches this fast
+    assert lines[-1][2] == "Caching image features: 100/100 images (100%), 1250 images/s, done in 0 s"
+
+
 def test_slow_work_logs_at_most_every_interval_and_at_each_quarter():
     lines = _run(100, seconds_per_item=2.0)  # 200 s in all
     done = [d for d, _, _ in lines]

@@ -64,7 +64,7 @@ class ProgressLog:
         rate = self.done / elapsed if elapsed > 0 else None
         count = f"{self.done:,}/{self.total:,} {self.unit}" if self.total else f"{self.done:,} {self.unit}"
         parts = [f"{self.desc}: {count}" + (f" ({100 * self.done / self.total:.0f}%)" if self.total else "")]
-        parts.append(f"{rate:.3g} {self.unit}/s" if rate else "rate n/a")
+        parts.append(f"{format_rate(rate)} {self.unit}/s" if rate else "rate n/a")
         if self.total and self.done >= self.total:
             parts.append(f"done in {format_duration(elapsed)}")
         elif self.total and rate:
@@ -79,6 +79,11 @@ class ProgressLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def format_rate(rate: float) -> str:
+    """Three significant digits as a person writes them: 0.5, 10, 859, 1240 (never 1.24e+03)."""
+    return f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}"
 
 
 def format_duration(seconds: float) -> str:
