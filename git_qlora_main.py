@@ -22,6 +22,9 @@ def leave_triton_unloaded_without_a_gpu() -> None:
     if (sys.platform.startswith("linux") and "triton" not in sys.modules and not os.environ.get("GIT_QLORA_KEEP_TRITON")
             and not any(glob.glob(pattern) for pattern in ("/dev/nvidia*", "/dev/kfd", "/dev/dri/renderD*", "/dev/accel*"))):
         sys.modules["triton"] = None  # `import triton` raises ImportError; importlib.util.find_spec returns None
+        # Their warnings that triton is missing would then be this line's doing, about GPU kernels only.
+        for name in ("torchao.kernel.intmm", "torch.utils.flop_counter"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 leave_triton_unloaded_without_a_gpu()
@@ -221,6 +224,21 @@ class OncePerProcess(logging.Filter):
         return True
 
 
+class WithoutNotices(logging.Filter):
+    """Drops a library's log lines that start with one of `starts`: notices about what this project asked for."""
+
+    def __init__(self, *starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+# transformers says so when `dequantize(dtype=...)` does what models/git_qlora.py and scripts/inference.py ask of it.
+QUIET_LOG_LINES = {"transformers.integrations.bitsandbytes": ("The modules are dequantized in",)}
+
+
 # Library notices a user can do nothing about, matched precisely: PEFT reads the deprecated
 # `is_gradient_checkpointing` on every call; our own code asks for the checkpointing it needs.
 QUIET_WARNINGS = (
@@ -245,6 +263,9 @@ def setup_logging() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score announces its tokenizer
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao 0.18's import (via PEFT) warns about torch's deprecations
+    for name, starts in QUIET_LOG_LINES.items():
+        if not any(isinstance(f, WithoutNotices) for f in logging.getLogger(name).filters):
+            logging.getLogger(name).addFilter(WithoutNotices(*starts))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for category, message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
