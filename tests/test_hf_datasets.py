@@ -408,6 +408,10 @@ seen, collate = [], trainer.data_collator
 trainer.data_collator = lambda batch: seen.extend(item["image_name"] for item in batch) or collate(batch)
 steps = trainer.train().global_step
 (Path(out) / f"seen{rank}.json").write_text(json.dumps({"seen": seen, "steps": steps}))
+from utils import distributed
+# Leave as the CLI does. Without it, rank 0 once aborted after writing its result ("terminate called without an
+# active exception" at interpreter exit, the gloo group never destroyed), failing the launch.
+distributed.shutdown()
 '''
 
 
