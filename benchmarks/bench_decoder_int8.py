@@ -128,7 +128,7 @@ def main() -> int:
         result = json.loads(lines[-1][len("RESULT "):])
         reference, mine = out / "ids_bf16.pt", out / f"ids_{variant}.pt"
         if variant != "eager_ceiling" and reference.exists():
-            a, b = torch.load(reference), torch.load(mine)
+            a, b = torch.load(reference, weights_only=True), torch.load(mine, weights_only=True)
             result["rows_equal_to_bf16"] = float((a == b).all(dim=1).float().mean())
         result["load"] = [round(x, 2) for x in os.getloadavg()]
         print(json.dumps(result), flush=True)
